@@ -1,0 +1,48 @@
+"""Errors a user can act on: each names the file, and where it applies the row, column or key."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class Problem:
+    """One problem found in an input file.
+
+    ``row`` is the 1-based physical line number (the header is row 1 when the file has no leading
+    comment lines); ``row`` and ``column`` are ``None`` when the problem concerns the whole file.
+    """
+
+    file: str
+    row: int | None
+    column: str | None
+    message: str
+
+    def __str__(self) -> str:
+        where = self.file
+        if self.row is not None:
+            where += f":{self.row}"
+        if self.column is not None:
+            where += f":{self.column}"
+        return f"{where}: {self.message}"
+
+
+class DataError(ValueError):
+    """A cohort file has problems; ``.problems`` lists every one of them."""
+
+    def __init__(self, problems: list[Problem]):
+        self.problems = list(problems)
+        super().__init__("\n".join(str(p) for p in self.problems))
+
+
+class ModelFileError(ValueError):
+    """A model file under ``models/`` is wrong; the message names the file and the key."""
+
+    def __init__(self, file: str, key: str | None, message: str):
+        self.file, self.key = file, key
+        where = f"{file}: {key}" if key else file
+        super().__init__(f"{where}: {message}")
+
+
+class FitError(RuntimeError):
+    """A saved fit folder is damaged or incompatible; the message names the file."""
