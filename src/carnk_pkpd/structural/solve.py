@@ -1,0 +1,368 @@
+"""Exponentially fitted Gauss collocation for the B-lineage ODE, in JAX (float64).
+
+What is solved
+--------------
+CAR-NK cells in blood, ``N(t)`` (cells/µL), have a closed form (``carnk.car_closed_form``). Given
+``N``, the B lineage (science.md §4) is a chain whose every equation is linear in its own state::
+
+    dP1/dt = k_B·B0·F(B) − (k_tr + k_LD)·P1
+    dPi/dt = k_tr·P(i−1) − (k_tr + f_BM·K + k_LD)·Pi          i = 2..n
+    dB/dt  = k_tr·Pn − (k_B + K + k_LD)·B
+    K = k_kmax·N/(N + EC50),  F(B) = 1 + F_max·max(0, 1 − B/B0),  k_tr = n/MTT
+
+How
+---
+On each step ``[t0, t0 + h]`` every state is written in its own integrating-factor frame
+``y_i = x_i·exp(E_i(s))`` with ``E_i(s) = ∫_{t0}^{s}`` (its decay rate), so the stiff killing
+``exp(−∫K)`` is carried exactly. ``∫K`` is integrated with 3-point Gauss–Legendre collocation of
+``K(N(t))`` (N exact at the nodes). In the y-frame the chain reads ``y_i' = c_i·y_(i−1)·exp(ΔE_i)``;
+P3..Pn have ``ΔE = 0`` (they share one decay rate), and for P1, P2 and B the exponent's mean slope is
+taken out analytically (exponentially fitted weights, exact for a constant rate) and the rest is
+collocated at the Gauss nodes. Because the chain is lower triangular, each step is an explicit sweep
+P1 → P2 → … → B; the one feedback, ``F(B)`` on P1, starts from an exponential-Euler predictor of B
+at the nodes and is corrected by further sweeps.
+
+Why this method (measured; see ``benchmarks/bench_solver.py``)
+--------------------------------------------------------------
+* explicit RK4 on a fixed 0.25-day grid goes unstable when ``k_kmax·h`` is large (science.md §4);
+* implicit Radau needs ``K·h ≲ 1`` to be *accurate* (its stability function is a rational
+  approximation of ``exp(−K·h)``), i.e. thousands of steps when ``k_kmax`` is 20/d;
+* the integrating-factor frame gives ``exp(−∫K)`` exactly, so the step is set by how fast K *changes*,
+  not by its size: a few hundred steps per trajectory meet the default tolerance;
+* written in JAX, the solve is vectorised over subjects (``vmap``-free: arrays carry a leading
+  subject axis), differentiated exactly by reverse mode (the gradient of the discrete solution), and
+  compiled once per cohort; nutpie's JAX backend calls it without leaving XLA.
+
+The grid is data, not a parameter: it is built once per cohort from the infusion and sample times
+(``make_grid``), always has a node at t = −5, −3, each infusion and each requested time, so every
+output is a node value (no interpolation) and no step straddles a discontinuity of ``N`` or ``k_LD``.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from functools import partial
+
+import jax
+import numpy as np
+
+jax.config.update("jax_enable_x64", True)
+import jax.numpy as jnp  # noqa: E402
+
+from carnk_pkpd.structural.carnk import car_closed_form, ld_cumulative  # noqa: E402
+
+LD_START, LD_END = -5.0, -3.0
+
+# --- Gauss–Legendre collocation tables (3 nodes, order 6) ------------------------------------------
+GL_C = np.array([0.5 - np.sqrt(15.0) / 10.0, 0.5, 0.5 + np.sqrt(15.0) / 10.0])
+GL_B = np.array([5.0 / 18.0, 4.0 / 9.0, 5.0 / 18.0])
+_VAND = np.vander(GL_C, 3, increasing=True)  # [j, m] = c_j**m
+LAGRANGE = np.linalg.inv(_VAND).T  # L_k(v) = sum_m LAGRANGE[k, m] v**m
+_UPPER = np.append(GL_C, 1.0)  # integrate to each node and to the end of the step
+_N_SERIES = 9  # |z| < 0.05: truncation below 0.05**9/9! ≈ 5e-18
+# Taylor coefficients of M_m(c, z) = ∫_0^c e^{zv} v^m dv = Σ_p z^p c^(m+p+1) / (p! (m+p+1))
+_SERIES = np.zeros((len(_UPPER), 3, _N_SERIES))
+for _ci, _c in enumerate(_UPPER):
+    for _m in range(3):
+        for _p in range(_N_SERIES):
+            _SERIES[_ci, _m, _p] = _c ** (_m + _p + 1) / (math.factorial(_p) * (_m + _p + 1))
+# plain Gauss collocation (rate 0): A[j, k] = ∫_0^{c_j} L_k, b[k] = ∫_0^1 L_k
+_MOMENTS0 = np.array([[c ** (m + 1) / (m + 1) for m in range(3)] for c in _UPPER])  # [4, 3]
+W_ZERO = _MOMENTS0 @ LAGRANGE.T  # [4 (upper), 3 (k)]
+GL_A = W_ZERO[:3]
+assert np.allclose(W_ZERO[3], GL_B)
+
+
+def fitted_weights(z: jnp.ndarray) -> jnp.ndarray:
+    """Weights ``W[..., j, k] = ∫_0^{c_j} e^{z v} L_k(v) dv`` (j = 3 nodes and the step end).
+
+    Exact for ``e^{z v}`` times a quadratic; a Taylor series for |z| < 0.05 and the moment recurrence
+    otherwise (the unused branch is fed a safe value so that reverse mode never sees 0/0).
+    """
+    z = jnp.asarray(z)
+    small = jnp.abs(z) < 0.05
+    zs = jnp.where(small, z, 0.0)[..., None, None]
+    # Horner over the series index p
+    coef = jnp.asarray(_SERIES)  # [4, 3, P]
+    series = jnp.zeros(z.shape + (4, 3)) + coef[..., -1]
+    for p in range(_N_SERIES - 2, -1, -1):
+        series = series * zs + coef[..., p]
+    zl = jnp.where(small, 1.0, z)[..., None]  # [..., 1]
+    c = jnp.asarray(_UPPER)
+    e = jnp.exp(zl * c)  # [..., 4]
+    m0 = jnp.expm1(zl * c) / zl
+    m1 = (c * e - m0) / zl
+    m2 = (c * c * e - 2.0 * m1) / zl
+    recur = jnp.stack([m0, m1, m2], axis=-1)  # [..., 4, 3]
+    moments = jnp.where(small[..., None, None], series, recur)
+    return moments @ jnp.asarray(LAGRANGE.T)  # [..., 4, 3]
+
+
+# --- grids --------------------------------------------------------------------------------------------
+ACCURACY = {
+    # h_dose: step in the first dose_days after each infusion (N jumps and expands there);
+    # h_active: step from −5 to the last infusion + active_days (CAR-NK may still kill);
+    # h_late: step afterwards, capped at k_tr_steps / k_tr when the transit rate is known
+    # (a long chain with a short MTT moves fast); sweeps: passes of the F(B) feedback per step.
+    # Measured on 40 parameter sets at twice the table's BSV plus extremes (see
+    # benchmarks/bench_solver.py): "default" stays below 0.2 of its tolerance
+    # (1e-3·|B| + 1e-3 cells/µL), "tight" below 1 of 1e-6·|B| + 1e-8.
+    "default": dict(
+        h_dose=0.5, dose_days=4.0, h_active=1.0, active_days=60.0, h_late=2.0, k_tr_steps=1.0, sweeps=2
+    ),
+    "tight": dict(
+        h_dose=0.02, dose_days=6.0, h_active=0.05, active_days=90.0, h_late=0.25, k_tr_steps=0.1, sweeps=4
+    ),
+}
+NODE_BUCKET = 64  # pad node counts to a multiple of this so that JAX compiles few shapes
+UNROLL = int(__import__("os").environ.get("CARNK_UNROLL", "1"))
+
+
+@dataclass(frozen=True)
+class Grid:
+    """Integration nodes for a batch of subjects (all arrays numpy, padded to common shapes).
+
+    ``nodes[s]`` are the node times (days; trailing repeats are zero-length steps);
+    ``out_index[s, k]`` is the node holding requested time ``times[s, k]``; ``mask`` marks real
+    requested times; ``dose_times``/``dose_amounts`` hold infusions (days, 10⁹ cells; amount 0 pads).
+    """
+
+    nodes: np.ndarray
+    out_index: np.ndarray
+    times: np.ndarray
+    mask: np.ndarray
+    dose_times: np.ndarray
+    dose_amounts: np.ndarray
+    sweeps: int
+
+    @property
+    def n_subjects(self) -> int:
+        return self.nodes.shape[0]
+
+
+def _subject_nodes(
+    doses: np.ndarray, times: np.ndarray, cfg: Mapping[str, float], k_tr: float | None
+) -> np.ndarray:
+    t_first = min(LD_START, float(times.min()) if times.size else LD_START)
+    t_end = max(float(times.max()) if times.size else 0.0, 0.0)
+    last_dose = float(doses[:, 0].max()) if len(doses) else 0.0
+    active_end = min(t_end, last_dose + cfg["active_days"])
+    pieces = [np.array([t_first, LD_START, LD_END, 0.0, t_end]), times, doses[:, 0] if len(doses) else []]
+    # active phase: uniform h_active from −5 to active_end
+    if active_end > LD_START:
+        n = int(np.ceil((active_end - LD_START) / cfg["h_active"]))
+        pieces.append(np.linspace(LD_START, active_end, n + 1))
+    # finer just after each infusion, where N jumps and expands
+    for td in doses[:, 0] if len(doses) else []:
+        hi = min(td + cfg["dose_days"], t_end)
+        if hi > td:
+            n = int(np.ceil((hi - td) / cfg["h_dose"]))
+            pieces.append(np.linspace(td, hi, n + 1))
+    if t_end > active_end:
+        h_late = cfg["h_late"] if not k_tr else min(cfg["h_late"], cfg["k_tr_steps"] / k_tr)
+        n = int(np.ceil((t_end - active_end) / h_late))
+        pieces.append(np.linspace(active_end, t_end, n + 1))
+    nodes = np.unique(np.concatenate([np.atleast_1d(np.asarray(p, float)) for p in pieces]))
+    nodes = nodes[(nodes >= t_first) & (nodes <= t_end)]
+    # merge nodes closer than 1e-9 d (keeping exact requested and infusion times)
+    keep = np.concatenate([[True], np.diff(nodes) > 1e-9])
+    return nodes[keep]
+
+
+def make_grid(
+    doses: Sequence[Sequence[tuple[float, float]]],
+    times: Sequence[Sequence[float]],
+    accuracy: str | Mapping[str, float] = "default",
+    k_tr: float | Sequence[float] | np.ndarray | None = None,
+) -> Grid:
+    """Build the node grid for a batch of subjects.
+
+    Parameters
+    ----------
+    doses
+        Per subject, a sequence of ``(time_day, amount_1e9_cells)`` infusions.
+    times
+        Per subject, the requested output times (days since the first infusion).
+    accuracy
+        ``"default"``, ``"tight"`` or a mapping with the keys of ``ACCURACY["default"]``.
+    k_tr
+        Largest transit rate n/MTT (1/day) to resolve, per subject or one for all; caps the late
+        step. Give the fastest plausible value when the grid serves many parameter draws.
+    """
+    cfg = dict(ACCURACY[accuracy]) if isinstance(accuracy, str) else dict(accuracy)
+    if len(doses) != len(times):
+        raise ValueError(f"doses has {len(doses)} subjects but times has {len(times)}")
+    node_list, idx_list, t_list = [], [], []
+    dose_arr = [np.asarray(d, float).reshape(-1, 2) for d in doses]
+    k_trs = np.broadcast_to(np.asarray(np.nan if k_tr is None else k_tr, float), (len(dose_arr),))
+    for d, t, ktr in zip(dose_arr, times, k_trs, strict=True):
+        t = np.asarray(t, float).ravel()
+        if not np.all(np.isfinite(t)):
+            raise ValueError("requested times must be finite")
+        nodes = _subject_nodes(d, t, cfg, None if np.isnan(ktr) else float(ktr))
+        idx = np.searchsorted(nodes, t)
+        idx = np.clip(idx, 0, len(nodes) - 1)
+        # snap to the nearest node (requested times are nodes up to the 1e-9 merge)
+        left = np.clip(idx - 1, 0, len(nodes) - 1)
+        idx = np.where(np.abs(nodes[left] - t) < np.abs(nodes[idx] - t), left, idx)
+        node_list.append(nodes)
+        idx_list.append(idx)
+        t_list.append(t)
+    n_nodes = max(len(n) for n in node_list)
+    n_nodes = int(np.ceil(n_nodes / NODE_BUCKET) * NODE_BUCKET)
+    n_out = max(max((len(t) for t in t_list), default=0), 1)
+    n_dose = max(max((len(d) for d in dose_arr), default=0), 1)
+    S = len(node_list)
+    nodes = np.empty((S, n_nodes))
+    out_index = np.zeros((S, n_out), dtype=np.int64)
+    out_times = np.zeros((S, n_out))
+    mask = np.zeros((S, n_out), dtype=bool)
+    dose_times = np.zeros((S, n_dose))
+    dose_amounts = np.zeros((S, n_dose))
+    for s in range(S):
+        k = len(node_list[s])
+        nodes[s, :k] = node_list[s]
+        nodes[s, k:] = node_list[s][-1]
+        m = len(t_list[s])
+        out_index[s, :m] = idx_list[s]
+        out_times[s, :m] = t_list[s]
+        mask[s, :m] = True
+        if m < n_out:
+            out_index[s, m:] = idx_list[s][-1] if m else 0
+        nd = len(dose_arr[s])
+        dose_times[s, :nd] = dose_arr[s][:, 0]
+        dose_amounts[s, :nd] = dose_arr[s][:, 1]
+    return Grid(nodes, out_index, out_times, mask, dose_times, dose_amounts, int(cfg["sweeps"]))
+
+
+# --- the step -----------------------------------------------------------------------------------------
+def _step_coefficients(th, nodes, dose_times, dose_amounts, n_transit, structure):
+    """Everything on every step that does not depend on the state, in bulk over (subject, step).
+
+    Shapes: ``h`` (S, M); node arrays (S, M, 3); weights (S, M, 4, 3); end factors (S, M).
+    """
+    t0, t1 = nodes[:, :-1], nodes[:, 1:]
+    h = t1 - t0
+    gl_c = jnp.asarray(GL_C)
+    s = t0[..., None] + h[..., None] * gl_c  # [S, M, 3]
+    S, M = h.shape
+    N = car_closed_form(th, dose_times, dose_amounts, s.reshape(S, M * 3), structure=structure).reshape(
+        S, M, 3
+    )
+    K = th["k_kmax"][:, None, None] * N / (N + th["EC50"][:, None, None])
+    psi_k = h[..., None] * (K @ jnp.asarray(GL_A).T)
+    psi_k_end = h * (K @ jnp.asarray(GL_B))
+    ld0 = ld_cumulative(th, t0)
+    psi_ld = ld_cumulative(th, s.reshape(S, M * 3)).reshape(S, M, 3) - ld0[..., None]
+    psi_ld_end = ld_cumulative(th, t1) - ld0
+    k_tr = (n_transit / th["MTT"])[:, None]
+    k_B, f_BM = th["k_B"][:, None], th["f_BM"][:, None]
+    dt = h[..., None] * gl_c
+    # exponents of each state's integrating factor, at the nodes and at the end of the step
+    e1, e1_end = k_tr[..., None] * dt + psi_ld, k_tr * h + psi_ld_end
+    ep, ep_end = e1 + f_BM[..., None] * psi_k, e1_end + f_BM * psi_k_end
+    eb, eb_end = k_B[..., None] * dt + psi_k + psi_ld, k_B * h + psi_k_end + psi_ld_end
+    e_up, e_up_end = (ep, ep_end) if n_transit >= 2 else (e1, e1_end)
+
+    def fitted(e_nodes, e_end):
+        # mean slope taken out exactly (fitted weights), the remainder collocated at the nodes
+        return h[..., None, None] * fitted_weights(e_end), jnp.exp(e_nodes - e_end[..., None] * gl_c)
+
+    w1, x1 = fitted(e1, e1_end)
+    w2, x2 = fitted(ep - e1, ep_end - e1_end)
+    wb, xb = fitted(eb - e_up, eb_end - e_up_end)
+    return dict(
+        hA=h[..., None, None] * jnp.asarray(W_ZERO),
+        w1=w1,
+        x1=x1,
+        w2=w2,
+        x2=x2,
+        wb=wb,
+        xb=xb,
+        d1=jnp.exp(-e1_end),
+        dp=jnp.exp(-ep_end),
+        db=jnp.exp(-eb_end),
+        db_nodes=jnp.exp(-eb),
+        dt=dt,
+    )
+
+
+def _apply(w, y0, q):
+    """``y(s_j) = y0 + Σ_k w[j, k]·q_k`` at the 3 nodes (j < 3) and the end of the step (j = 3)."""
+    out = y0[:, None] + jnp.sum(w * q[:, None, :], axis=-1)
+    return out[:, :3], out[:, 3]
+
+
+@partial(jax.jit, static_argnames=("n_transit", "sweeps", "structure"))
+def solve_nodes(
+    theta: Mapping[str, jnp.ndarray],
+    nodes,
+    dose_times,
+    dose_amounts,
+    *,
+    n_transit: int,
+    sweeps: int = 2,
+    structure: str = "reference",
+):
+    """B cells (cells/µL) at every node, shape ``(subject, n_nodes)``.
+
+    ``theta`` maps parameter names to arrays of shape ``(subject,)`` (natural units, see
+    ``models/reference.toml``). ``nodes`` are node times (days) of shape ``(subject, n_nodes)``.
+    """
+    th = {k: jnp.asarray(v, dtype=jnp.float64) for k, v in theta.items()}
+    nodes = jnp.asarray(nodes, dtype=jnp.float64)
+    co = _step_coefficients(
+        th, nodes, jnp.asarray(dose_times), jnp.asarray(dose_amounts), n_transit, structure
+    )
+    k_tr = n_transit / th["MTT"]
+    B0, F_max, src0 = th["B0"], th["F_max"], th["k_B"] * th["B0"]
+    p_ss = src0 / k_tr
+    P_init = tuple(p_ss for _ in range(n_transit))
+    B_init = B0
+
+    def step(carry, c):
+        P, B = carry
+        # exponential-Euler predictor of B at the nodes, then sweeps of the chain
+        b_nodes = B[:, None] * c["db_nodes"] + (k_tr * P[-1])[:, None] * c["dt"]
+        for _ in range(sweeps):
+            F = 1.0 + F_max[:, None] * jnp.maximum(0.0, 1.0 - b_nodes / B0[:, None])
+            y_n, y1_end = _apply(c["w1"], P[0], src0[:, None] * F * c["x1"])
+            ends = [y1_end]
+            for i in range(1, n_transit):
+                if i == 1:
+                    y_n, y_end = _apply(c["w2"], P[1], k_tr[:, None] * y_n * c["x2"])
+                else:
+                    y_n, y_end = _apply(c["hA"], P[i], k_tr[:, None] * y_n)
+                ends.append(y_end)
+            yb_n, yb_end = _apply(c["wb"], B, k_tr[:, None] * y_n * c["xb"])
+            b_nodes = yb_n * c["db_nodes"]
+        P_new = (ends[0] * c["d1"], *(y * c["dp"] for y in ends[1:]))
+        B_new = yb_end * c["db"]
+        return (P_new, B_new), B_new
+
+    xs = {k: jnp.moveaxis(v, 1, 0) for k, v in co.items()}  # scan over steps
+    _, b_path = jax.lax.scan(step, (P_init, B_init), xs, unroll=UNROLL)
+    return jnp.concatenate([B_init[None, :], b_path], axis=0).T  # [S, n_nodes]
+
+
+def solve(theta: Mapping[str, jnp.ndarray], grid: Grid, *, n_transit: int, structure: str = "reference"):
+    """CAR-NK and B cells (cells/µL) at the grid's requested times, each ``(subject, n_times)``.
+
+    Pure and differentiable in ``theta`` (JAX arrays of shape ``(subject,)``).
+    """
+    b_nodes = solve_nodes(
+        theta,
+        grid.nodes,
+        grid.dose_times,
+        grid.dose_amounts,
+        n_transit=n_transit,
+        sweeps=grid.sweeps,
+        structure=structure,
+    )
+    bcell = jnp.take_along_axis(b_nodes, jnp.asarray(grid.out_index), axis=1)
+    car = car_closed_form(
+        theta, grid.dose_times, grid.dose_amounts, jnp.asarray(grid.times), structure=structure
+    )
+    return car, bcell
