@@ -1,0 +1,321 @@
+"""A fitted model and its folder: save atomically, load without refitting.
+
+``fits/NAME/`` holds::
+
+    posterior.nc    the ArviZ DataTree (posterior, sample_stats, observed_data, ...) as netCDF
+    model.toml      a copy of the model file
+    data.csv        a copy of the cohort (the reader's format), so predictions need nothing else
+    summary.csv     one row per population-level quantity
+    manifest.json   hashes of data and model, versions, seed, sampler settings, timings, diagnostics
+
+Writing goes to a temporary sibling folder that is renamed into place at the end, so an interrupted
+fit leaves ``fits/`` as it was, and an earlier fit of the same name survives unless ``overwrite``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import xarray as xr
+
+from carnk_pkpd.errors import FitError
+
+FORMAT_VERSION = 1
+FILES = ("posterior.nc", "model.toml", "data.csv", "summary.csv", "manifest.json")
+SUMMARY_COLUMNS = ["name", "unit", "mean", "sd", "q05", "q50", "q95", "ess_bulk", "ess_tail", "r_hat"]
+
+
+def sha256(path: str | os.PathLike) -> str:
+    """Hex SHA-256 of a file's bytes."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+@dataclass
+class Fit:
+    """A fitted population model.
+
+    ``idata`` is an xarray DataTree with ArviZ groups (``posterior`` with dims ``chain, draw`` and
+    ``subject``/``dose_level`` where relevant, ``sample_stats``, ``observed_data``).
+    """
+
+    spec: Any
+    cohort: Any
+    idata: xr.DataTree
+    diagnostics: Any = None
+    manifest: dict = field(default_factory=dict)
+    path: Path | None = None
+
+    # -- views ---------------------------------------------------------------------------------------
+    @property
+    def posterior(self) -> xr.Dataset:
+        return self.idata["posterior"].to_dataset()
+
+    @property
+    def synthetic(self) -> bool:
+        return bool(getattr(self.cohort, "synthetic", False))
+
+    @property
+    def n_transit(self) -> int:
+        return int(round(self.spec.parameters["n_transit"].typical))
+
+    def population_parameters(self) -> xr.Dataset:
+        """Typical value of every structural parameter (natural units) on ``chain, draw``.
+
+        Fixed parameters are filled with the file's value so the result is complete.
+        """
+        post = self.posterior
+        out = {}
+        for name, par in self.spec.parameters.items():
+            if name == "n_transit":
+                continue
+            if name in post:
+                out[name] = post[name]
+            else:
+                out[name] = xr.full_like(post["draw"] * 0.0 + post["chain"] * 0.0, float(par.typical))
+            out[name].attrs["units"] = par.unit
+        return xr.Dataset(out).transpose("chain", "draw")
+
+    def individual_parameters(self) -> xr.Dataset:
+        """Each observed subject's structural parameters on ``chain, draw, subject`` (natural units)."""
+        post = self.posterior
+        pop = self.population_parameters()
+        subjects = post["subject"].values if "subject" in post.coords else np.array(self.cohort.ids)
+        dl = np.array([str(s.dl) for s in self.cohort.subjects])
+        out = {}
+        for name in pop.data_vars:
+            if f"{name}_i" in post:
+                da = post[f"{name}_i"]
+            elif f"{name}_DL" in post:
+                da = post[f"{name}_DL"].sel(dose_level=xr.DataArray(dl, dims="subject"))
+                da = da.drop_vars("dose_level").assign_coords(subject=subjects)
+            else:
+                da = pop[name].expand_dims(subject=subjects, axis=-1)
+            out[name] = da.transpose("chain", "draw", "subject")
+            out[name].attrs["units"] = self.spec.parameters[name].unit
+        ds = xr.Dataset(out)
+        ds = ds.assign_coords(dose_level=("subject", dl))
+        ds.attrs["n_transit"] = self.n_transit
+        return ds
+
+    def new_patients(
+        self, n_patients: int, seed: int | np.random.Generator, n_draws: int | None = None
+    ) -> xr.Dataset:
+        """Parameters of new virtual patients on ``sample, patient``.
+
+        Each of ``n_draws`` posterior draws (all when None; drawn without replacement with ``seed``)
+        gives ``n_patients`` patients with fresh between-subject deviations ``omega·eta``; where the
+        model has a dose-level tier, a new regimen is a new dose level, so its deviation is drawn from
+        that tier too. Parameter uncertainty and between-subject variability are both carried.
+        """
+        rng = np.random.default_rng(seed)
+        pop = self.population_parameters().stack(sample=("chain", "draw"))
+        post = self.posterior.stack(sample=("chain", "draw"))
+        n_total = pop.sizes["sample"]
+        take = (
+            np.arange(n_total)
+            if n_draws is None or n_draws >= n_total
+            else np.sort(rng.choice(n_total, size=n_draws, replace=False))
+        )
+        out = {}
+        for name in pop.data_vars:
+            typ = pop[name].values[take]
+            log_p = np.log(typ)[:, None] * np.ones((1, n_patients))
+            om_dl = f"omega_DL_{name}"
+            if om_dl in post:
+                log_p = log_p + post[om_dl].values[take][:, None] * rng.standard_normal((take.size, 1))
+            om = f"omega_{name}"
+            if om in post:
+                log_p = log_p + post[om].values[take][:, None] * rng.standard_normal((take.size, n_patients))
+            out[name] = (("sample", "patient"), np.exp(log_p), {"units": self.spec.parameters[name].unit})
+        ds = xr.Dataset(out, coords={"sample": np.arange(take.size), "patient": np.arange(n_patients)})
+        ds.attrs["n_transit"] = self.n_transit
+        return ds
+
+    def summary(self) -> pd.DataFrame:
+        """One row per population-level quantity (columns of ``summary.csv``)."""
+        return summarise(self.posterior, self.spec)
+
+
+# -- summary -------------------------------------------------------------------------------------------
+def _unit_of(name: str, spec: Any) -> str:
+    base = name.split("[")[0]
+    if base in spec.parameters:
+        return spec.parameters[base].unit
+    if base.endswith("_DL") and base[:-3] in spec.parameters:
+        return spec.parameters[base[:-3]].unit
+    if base.startswith(("omega_", "omega_DL_")):
+        return "log-scale SD"
+    if base.startswith("sigma_"):
+        for obs in spec.observations.values():
+            if base == f"sigma_{obs.name}":
+                return "log-scale SD"
+            if base == f"sigma_{obs.name}_prop":
+                return "fraction"
+            if base == f"sigma_{obs.name}_add":
+                return obs.unit
+    if base == "copies_per_cell":
+        return "copies/µg per cells/µL"
+    if base.startswith("beta_"):
+        return "1"
+    return ""
+
+
+def summarise(posterior: xr.Dataset, spec: Any) -> pd.DataFrame:
+    """Posterior summary of population-level quantities with ESS and R-hat (ArviZ-stats)."""
+    import arviz_stats as azs
+
+    from carnk_pkpd.diagnostics import population_variables
+
+    rows = []
+    for name in population_variables(posterior):
+        da = posterior[name].transpose("chain", "draw", ...)
+        arr = da.values.reshape(da.sizes["chain"], da.sizes["draw"], -1)
+        labels = [name]
+        if arr.shape[2] > 1:
+            extra = [d for d in da.dims if d not in ("chain", "draw")]
+            labels = [f"{name}[{v}]" for v in da[extra[0]].values]
+        for k, label in enumerate(labels):
+            x = arr[:, :, k]
+            rows.append(
+                dict(
+                    name=label,
+                    unit=_unit_of(label, spec),
+                    mean=float(np.mean(x)),
+                    sd=float(np.std(x, ddof=1)),
+                    q05=float(np.quantile(x, 0.05)),
+                    q50=float(np.quantile(x, 0.5)),
+                    q95=float(np.quantile(x, 0.95)),
+                    ess_bulk=float(azs.base.array_stats.ess(x, chain_axis=0, draw_axis=1, method="bulk")),
+                    ess_tail=float(
+                        azs.base.array_stats.ess(x, chain_axis=0, draw_axis=1, method="tail", prob=0.05)
+                    ),
+                    r_hat=float(azs.base.array_stats.rhat(x, chain_axis=0, draw_axis=1)),
+                )
+            )
+    order = {n: i for i, n in enumerate(spec.parameters)}
+
+    def key(r):
+        n = r["name"]
+        base = n.split("[")[0]
+        for prefix, rank in (("omega_DL_", 2), ("omega_", 1), ("sigma_", 3), ("beta_", 4)):
+            if base.startswith(prefix):
+                return (rank, order.get(base[len(prefix) :], 99), n)
+        return (0, order.get(base.removesuffix("_DL"), 99), n)
+
+    rows.sort(key=key)
+    return pd.DataFrame(rows, columns=SUMMARY_COLUMNS)
+
+
+# -- save / load ---------------------------------------------------------------------------------------
+def save_fit(fit: Fit, path: str | os.PathLike, *, overwrite: bool = False) -> Path:
+    """Write ``fit`` to the folder ``path`` atomically (temporary sibling folder, then rename)."""
+    from carnk_pkpd.data import write_cohort
+
+    dest = Path(path)
+    if dest.exists() and not overwrite:
+        raise FileExistsError(f"{dest} exists; pass overwrite=True (CLI: --overwrite) to replace it")
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.tmp-", dir=dest.parent))
+    try:
+        (tmp / "model.toml").write_text(fit.spec.text, encoding="utf-8")
+        write_cohort(fit.cohort, tmp / "data.csv")
+        fit.idata.to_netcdf(tmp / "posterior.nc", engine="netcdf4")
+        fit.summary().to_csv(tmp / "summary.csv", index=False)
+        manifest = dict(fit.manifest)
+        manifest.update(
+            format_version=FORMAT_VERSION,
+            files={name: sha256(tmp / name) for name in FILES if name != "manifest.json"},
+            diagnostics=fit.diagnostics.to_dict() if fit.diagnostics is not None else None,
+            synthetic=fit.synthetic,
+        )
+        (tmp / "manifest.json").write_text(
+            json.dumps(manifest, indent=2, default=_json_default), encoding="utf-8"
+        )
+        if dest.exists():
+            old = dest.with_name(f".{dest.name}.old-{os.getpid()}")
+            os.replace(dest, old)
+            os.replace(tmp, dest)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, dest)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    fit.path = dest
+    fit.manifest = manifest
+    return dest
+
+
+def _json_default(o: Any):
+    if isinstance(o, np.generic):
+        return o.item()
+    if isinstance(o, np.ndarray):
+        return o.tolist()
+    if isinstance(o, Path):
+        return str(o)
+    raise TypeError(f"not JSON serialisable: {type(o).__name__}")
+
+
+def load_fit(path: str | os.PathLike) -> Fit:
+    """Restore a saved fit (posterior, model, data, manifest) without refitting.
+
+    Raises :class:`~carnk_pkpd.errors.FitError` naming the file when the folder is incomplete,
+    damaged (a hash differs from the manifest) or written by an incompatible format version.
+    """
+    from carnk_pkpd.data import read_cohort
+    from carnk_pkpd.diagnostics import Diagnostics
+    from carnk_pkpd.errors import DataError, ModelFileError
+    from carnk_pkpd.spec import load_model
+
+    folder = Path(path)
+    if not folder.is_dir():
+        raise FitError(f"{folder}: not a fit folder (expected a directory written by 'carnk-pkpd fit')")
+    mpath = folder / "manifest.json"
+    try:
+        manifest = json.loads(mpath.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise FitError(f"{mpath}: missing; this folder is not a complete fit") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise FitError(f"{mpath}: damaged ({e})") from None
+    if manifest.get("format_version") != FORMAT_VERSION:
+        raise FitError(
+            f"{mpath}: format_version {manifest.get('format_version')!r} is not supported "
+            f"(expected {FORMAT_VERSION}); refit with this version of carnk_pkpd"
+        )
+    for name, digest in (manifest.get("files") or {}).items():
+        f = folder / name
+        if not f.exists():
+            raise FitError(f"{f}: missing from the fit folder")
+        if sha256(f) != digest:
+            raise FitError(f"{f}: damaged (its SHA-256 differs from manifest.json)")
+    try:
+        spec = load_model(folder / "model.toml")
+    except ModelFileError as e:
+        raise FitError(f"{folder / 'model.toml'}: {e}") from None
+    try:
+        cohort = read_cohort(folder / "data.csv")
+    except DataError as e:
+        raise FitError(f"{folder / 'data.csv'}: {e}") from None
+    try:
+        idata = xr.open_datatree(folder / "posterior.nc", engine="netcdf4").load()
+    except Exception as e:  # noqa: BLE001 - any reader failure means a damaged file
+        raise FitError(f"{folder / 'posterior.nc'}: cannot be read ({e})") from None
+    diag = manifest.get("diagnostics")
+    diagnostics = None
+    if diag:
+        diag = {k: v for k, v in diag.items() if k != "ok"}
+        diagnostics = Diagnostics(**diag)
+    return Fit(spec=spec, cohort=cohort, idata=idata, diagnostics=diagnostics, manifest=manifest, path=folder)

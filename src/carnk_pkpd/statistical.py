@@ -1,0 +1,264 @@
+"""The hierarchical PyMC model, declared by the model file: a pure function of (spec, cohort).
+
+Per structural parameter ``p`` (natural units as in ``models/*.toml``):
+
+* fixed parameters take the file's typical value;
+* free parameters get the file's prior on the typical value, non-centred on the log scale
+  (``log p = mu + sigma·z``); the typical value itself is the deterministic ``p``;
+* ``dose_level_tier = true`` adds a dose-level tier: ``log p_DL = log p + omega_DL_p·z_DL``, so a dose
+  level with one patient borrows from the others (partial pooling);
+* covariate effects from the file's ``[[covariates]]`` (power on dose or a continuous covariate
+  normalised to its cohort median, linear, or categorical factors);
+* between-subject variability where ``bsv.estimate = true``: ``log p_i = log p_DL + covariates +
+  omega_p·eta_i`` with ``eta_i ~ N(0, 1)`` (non-centred), ``omega_p ~ HalfNormal(bsv.sd)``.
+
+Residual error per DVID: log-normal for CAR-NK by flow (DVID 1) and for qPCR (DVID 3, with a
+copies-per-cell conversion factor), combined proportional + additive for B cells (DVID 2). Records
+with BLQ = 1 contribute P(Y < LLOQ) (Beal's M3) through ``pm.Censored`` with the LLOQ as upper bound;
+they are never dropped or imputed. Clinical records (DVID 10–12) belong to the remission model.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import pymc as pm
+import pytensor.tensor as pt
+
+from carnk_pkpd.spec import ModelSpec
+
+PK_DVIDS = (1, 2, 3)
+CAR_FLOOR = 1e-9  # cells/µL added to predicted CAR-NK before taking logs (N is exactly 0 pre-dose)
+
+
+@dataclass(frozen=True)
+class ObservationData:
+    """Concentration records of a cohort, arranged for the solver.
+
+    ``times[s]`` are subject ``s``'s distinct sample times (days); each record points at
+    ``(subject_index, time_index)``; ``upper`` is the LLOQ for BLQ records and +inf otherwise.
+    """
+
+    ids: list[str]
+    dose_levels: list[str]
+    doses: list[np.ndarray]
+    times: list[np.ndarray]
+    subject_index: np.ndarray
+    time_index: np.ndarray
+    dvid: np.ndarray
+    dv: np.ndarray
+    blq: np.ndarray
+    lloq: np.ndarray
+    covariates: dict[str, np.ndarray] = field(default_factory=dict)
+
+    @property
+    def n_subjects(self) -> int:
+        return len(self.ids)
+
+    @property
+    def upper(self) -> np.ndarray:
+        return np.where(self.blq == 1, self.lloq, np.inf)
+
+
+def observation_data(cohort: Any, dvids: tuple[int, ...] = PK_DVIDS) -> ObservationData:
+    """Collect the concentration records (DVID 1–3) of a :class:`~carnk_pkpd.data.Cohort`."""
+    ids, dls, doses, times = [], [], [], []
+    rec = {k: [] for k in ("subject_index", "time_index", "dvid", "dv", "blq", "lloq")}
+    cov_names = sorted({k for s in cohort.subjects for k in s.covariates})
+    covs = {k: [] for k in cov_names}
+    for si, subj in enumerate(cohort.subjects):
+        obs = subj.observations
+        obs = obs[obs["DVID"].isin(dvids)]
+        t = np.unique(obs["TIME"].to_numpy(float))
+        ids.append(str(subj.id))
+        dls.append(str(subj.dl))
+        doses.append(np.asarray(subj.doses, float).reshape(-1, 2))
+        times.append(t)
+        rec["subject_index"].append(np.full(len(obs), si))
+        rec["time_index"].append(np.searchsorted(t, obs["TIME"].to_numpy(float)))
+        rec["dvid"].append(obs["DVID"].to_numpy(int))
+        blq = obs["BLQ"].fillna(0).to_numpy(int)
+        lloq = obs["LLOQ"].to_numpy(float)
+        dv = obs["DV"].to_numpy(float)
+        dv = np.where((blq == 1) & ~np.isfinite(dv), lloq, dv)
+        rec["dv"].append(dv)
+        rec["blq"].append(blq)
+        rec["lloq"].append(lloq)
+        for k in cov_names:
+            covs[k].append(float(subj.covariates.get(k, np.nan)))
+    cat = {k: np.concatenate(v) if v else np.zeros(0) for k, v in rec.items()}
+    return ObservationData(
+        ids=ids,
+        dose_levels=dls,
+        doses=doses,
+        times=times,
+        subject_index=cat["subject_index"].astype(int),
+        time_index=cat["time_index"].astype(int),
+        dvid=cat["dvid"].astype(int),
+        dv=cat["dv"].astype(float),
+        blq=cat["blq"].astype(int),
+        lloq=cat["lloq"].astype(float),
+        covariates={k: np.asarray(v, float) for k, v in covs.items()},
+    )
+
+
+def _typical_rv(name: str, prior: dict[str, Any]):
+    """The typical value of a free parameter and its log, from the file's prior."""
+    dist = prior["dist"]
+    if dist == "LogNormal":
+        z = pm.Normal(f"z_{name}", 0.0, 1.0)
+        log_p = prior["mu"] + prior["sigma"] * z
+        return pm.Deterministic(name, pt.exp(log_p)), log_p
+    if dist == "Normal":
+        p = pm.TruncatedNormal(name, mu=prior["mu"], sigma=prior["sigma"], lower=0.0)
+    elif dist == "HalfNormal":
+        p = pm.HalfNormal(name, sigma=prior["sigma"])
+    elif dist == "Beta":
+        p = pm.Beta(name, alpha=prior["alpha"], beta=prior["beta"])
+    else:  # pragma: no cover - spec.py rejects other distributions
+        raise ValueError(f"prior distribution {dist!r} is not supported for {name}")
+    return p, pt.log(p)
+
+
+def _scalar_rv(name: str, scalar: Any):
+    """A residual SD or conversion factor: estimated with its prior, or fixed at its typical value."""
+    if not scalar.estimate or scalar.prior is None:
+        return pt.as_tensor_variable(float(scalar.typical))
+    pr = scalar.prior
+    if pr["dist"] == "HalfNormal":
+        return pm.HalfNormal(name, sigma=pr["sigma"])
+    if pr["dist"] == "LogNormal":
+        z = pm.Normal(f"z_{name}", 0.0, 1.0)
+        return pm.Deterministic(name, pt.exp(pr.get("mu", np.log(scalar.typical)) + pr["sigma"] * z))
+    if pr["dist"] == "Normal":
+        return pm.TruncatedNormal(name, mu=pr["mu"], sigma=pr["sigma"], lower=0.0)
+    raise ValueError(f"prior distribution {pr['dist']!r} is not supported for {name}")  # pragma: no cover
+
+
+def _covariate_terms(spec: ModelSpec, data: ObservationData, name: str):
+    """Sum of covariate effects on log p_i for parameter ``name`` (a tensor of shape (subject,))."""
+    total = pt.zeros(data.n_subjects)
+    for cov in spec.covariates:
+        if cov.parameter != name:
+            continue
+        if cov.covariate.upper() == "DOSE":
+            x = np.array([d[0, 1] if len(d) else np.nan for d in data.doses])
+        elif cov.covariate.upper() in data.covariates:
+            x = data.covariates[cov.covariate.upper()]
+        else:
+            raise ValueError(
+                f"covariate {cov.covariate!r} (model file, effect on {name}) is not in the cohort"
+            )
+        if np.any(~np.isfinite(x)):
+            raise ValueError(f"covariate {cov.covariate!r} is missing for some subjects; impute or drop it")
+        label = f"beta_{name}_{cov.covariate.upper()}"
+        pr = cov.prior or {"dist": "Normal", "mu": 0.0, "sigma": 1.0}
+        if cov.form == "categorical":
+            levels = sorted(set(x.tolist()))
+            ref = cov.reference if cov.reference is not None else levels[0]
+            others = [lv for lv in levels if lv != float(ref)]
+            if not others:
+                continue
+            beta = pm.Normal(label, pr.get("mu", 0.0), pr.get("sigma", 1.0), shape=len(others))
+            for j, lv in enumerate(others):
+                total = total + beta[j] * (x == lv).astype(float)
+            continue
+        if cov.center in (None, "median"):
+            center = float(np.median(x))
+        elif cov.center == "mean":
+            center = float(np.mean(x))
+        else:
+            center = float(cov.center)
+        beta = pm.Normal(label, pr.get("mu", 0.0), pr.get("sigma", 1.0))
+        if cov.form == "power":
+            total = total + beta * np.log(x / center)
+        else:  # linear
+            total = total + pt.log(pt.maximum(1.0 + beta * (x - center), 1e-6))
+    return total
+
+
+def build_model(spec: ModelSpec, data: ObservationData, *, accuracy: str = "default") -> pm.Model:
+    """The PyMC model of ``spec`` for the records in ``data`` (see the module docstring)."""
+    from pytensor.link.jax.ops import wrap_jax
+
+    from carnk_pkpd.structural.solve import make_grid, solve
+
+    n_transit = int(round(spec.parameters["n_transit"].typical))
+    mtt = spec.parameters["MTT"]
+    spread = (mtt.prior or {}).get("sigma", 0.0) + mtt.bsv_sd if not mtt.fixed else mtt.bsv_sd
+    k_tr_max = n_transit / (mtt.typical * np.exp(-2.5 * spread))
+    grid = make_grid(data.doses, data.times, accuracy, k_tr=k_tr_max)
+    n_out = grid.times.shape[1]
+    flat = data.subject_index * n_out + data.time_index
+    names = [p for p in spec.parameters if p != "n_transit"]
+
+    @wrap_jax
+    def predict(theta):
+        car, bcell = solve(theta, grid, n_transit=n_transit, structure=spec.structure)
+        return car.reshape(-1)[flat], bcell.reshape(-1)[flat]
+
+    dl_labels = sorted(set(data.dose_levels), key=_natural)
+    dl_index = np.array([dl_labels.index(d) for d in data.dose_levels])
+    coords = {"subject": data.ids, "dose_level": dl_labels, "obs": np.arange(len(data.dv))}
+    with pm.Model(coords=coords) as model:
+        pm.Data("dl_index", dl_index, dims="subject")
+        theta = {}
+        for name in names:
+            par = spec.parameters[name]
+            if par.fixed:
+                theta[name] = pt.as_tensor_variable(np.full(data.n_subjects, float(par.typical)))
+                continue
+            _, log_p = _typical_rv(name, par.prior)
+            log_i = pt.zeros(data.n_subjects) + log_p
+            if par.dose_level_tier and len(dl_labels) > 1:
+                om_dl = pm.HalfNormal(f"omega_DL_{name}", sigma=0.3)
+                z_dl = pm.Normal(f"z_DL_{name}", 0.0, 1.0, dims="dose_level")
+                log_dl = pm.Deterministic(f"{name}_DL", pt.exp(log_p + om_dl * z_dl), dims="dose_level")
+                log_i = pt.log(log_dl)[dl_index]
+            log_i = log_i + _covariate_terms(spec, data, name)
+            if par.bsv_estimate:
+                omega = pm.HalfNormal(f"omega_{name}", sigma=max(par.bsv_sd, 0.1))
+                eta = pm.Normal(f"eta_{name}", 0.0, 1.0, dims="subject")
+                log_i = log_i + omega * eta
+                theta[name] = pm.Deterministic(f"{name}_i", pt.exp(log_i), dims="subject")
+            else:
+                theta[name] = pt.exp(log_i)
+        car_pred, b_pred = predict(theta)
+        _likelihood(spec, data, car_pred, b_pred)
+    model._carnk_grid = grid  # noqa: SLF001 - kept for predictions built on the same cohort
+    return model
+
+
+def _likelihood(spec: ModelSpec, data: ObservationData, car_pred, b_pred) -> None:
+    """Censored (M3) observed nodes, one per DVID present in the data."""
+    upper = data.upper
+    for dvid in sorted(set(data.dvid.tolist())):
+        if dvid not in spec.observations:
+            raise ValueError(
+                f"the cohort has DVID {dvid} records but the model file declares no observation for it"
+            )
+        obs_spec = spec.observations[dvid]
+        sel = np.flatnonzero(data.dvid == dvid)
+        label = obs_spec.name
+        if obs_spec.error == "lognormal":
+            sigma = _scalar_rv(f"sigma_{label}", obs_spec.residual["log"])
+            pred = car_pred[sel] + CAR_FLOOR
+            if obs_spec.conversion is not None:
+                pred = pred * _scalar_rv(obs_spec.conversion.name, obs_spec.conversion)
+            dist = pm.LogNormal.dist(mu=pt.log(pred), sigma=sigma)
+        else:
+            prop = _scalar_rv(f"sigma_{label}_prop", obs_spec.residual["prop"])
+            add = _scalar_rv(f"sigma_{label}_add", obs_spec.residual["add"])
+            pred = b_pred[sel]
+            dist = pm.Normal.dist(mu=pred, sigma=pt.sqrt((prop * pred) ** 2 + add**2))
+        dv = np.where(data.blq[sel] == 1, data.lloq[sel], data.dv[sel])
+        pm.Censored(f"y_{label}", dist, lower=None, upper=upper[sel], observed=dv)
+
+
+def _natural(label: str):
+    try:
+        return (0, float(label), label)
+    except ValueError:
+        return (1, 0.0, label)
