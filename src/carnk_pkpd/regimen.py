@@ -1,0 +1,50 @@
+"""A dosing regimen of CAR-NK cells: dose per infusion, interval, number of infusions, lymphodepletion.
+
+Shared by the remission prediction (:mod:`carnk_pkpd.remission`) and the dose search
+(:mod:`carnk_pkpd.doses`).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class Regimen:
+    """``dose`` 10⁹ CAR-NK cells per infusion, ``interval`` days between infusions, ``n_infusions``,
+    and ``ld_scale`` multiplying the lymphodepletion kill rate ``k_LD0`` (1 = as in the trial,
+    0 = no lymphodepletion)."""
+
+    dose: float
+    interval: float
+    n_infusions: int
+    ld_scale: float = 1.0
+
+    def __post_init__(self) -> None:
+        if not (math.isfinite(self.dose) and self.dose >= 0):
+            raise ValueError(f"dose must be a finite number >= 0 (10⁹ cells), found {self.dose!r}")
+        if not (math.isfinite(self.interval) and self.interval > 0):
+            raise ValueError(f"interval must be a finite number > 0 (days), found {self.interval!r}")
+        if int(self.n_infusions) != self.n_infusions or self.n_infusions < 1:
+            raise ValueError(f"n_infusions must be an integer >= 1, found {self.n_infusions!r}")
+        if not (math.isfinite(self.ld_scale) and self.ld_scale >= 0):
+            raise ValueError(f"ld_scale must be a finite number >= 0, found {self.ld_scale!r}")
+        object.__setattr__(self, "n_infusions", int(self.n_infusions))
+
+    def doses(self, start: float = 0.0) -> list[tuple[float, float]]:
+        """Infusions as ``(time in days, amount in 10⁹ cells)``, the first at ``start``."""
+        return [(start + i * self.interval, self.dose) for i in range(self.n_infusions)]
+
+    @property
+    def total_cells(self) -> float:
+        """Cells over the whole regimen (10⁹)."""
+        return self.dose * self.n_infusions
+
+    @property
+    def label(self) -> str:
+        """Short readable name, e.g. ``3x2e9 q3d`` or ``3x2e9 q3d LD0.5``."""
+        s = f"{self.n_infusions}x{self.dose:g}e9 q{self.interval:g}d"
+        if self.ld_scale != 1.0:
+            s += " noLD" if self.ld_scale == 0 else f" LD{self.ld_scale:g}"
+        return s
