@@ -90,6 +90,66 @@ def validate_cmd(files: list[str] = _VALIDATE_FILES) -> None:
 
 # --- export / report ---------------------------------------------------------------------------------
 
+
+def _load_fit_or_exit(folder: str):
+    """Load a fit folder, or print ``Error: ...`` and exit 1 when it is missing or damaged."""
+    from carnk_pkpd.errors import FitError
+    from carnk_pkpd.fits import load_fit
+
+    try:
+        return load_fit(folder)
+    except FitError as exc:
+        typer.echo(f"Error: {exc}", err=True)
+        raise typer.Exit(1) from None
+
+
+@app.command("export")
+def export_cmd(
+    fit_dir: str = typer.Argument(..., metavar="FIT", help="Fit folder written by 'carnk-pkpd fit'."),
+    fmt: str = typer.Option("csv", "--format", help="csv, json, md, tex or nc (posterior + predictive)."),
+    out: str | None = typer.Option(None, "--out", help="Output folder (default FIT/export/)."),
+    n_draws: int = typer.Option(200, "--draws", min=1, help="Posterior draws for predictions."),
+    seed: int = typer.Option(0, "--seed", help="Seed for thinning draws and replicated data."),
+) -> None:
+    """Export parameter (THETA/OMEGA/SIGMA), per-subject and sdtab tables, or netCDF posteriors."""
+    from carnk_pkpd.export import FORMATS, write_export
+
+    if fmt not in FORMATS:
+        typer.echo(f"Error: --format {fmt!r} is not one of {', '.join(FORMATS)}", err=True)
+        raise typer.Exit(2)
+    fit = _load_fit_or_exit(fit_dir)
+    try:
+        paths = write_export(fit, fmt, out, n_draws=n_draws, seed=seed)
+    except (OSError, ValueError) as exc:
+        typer.echo(f"Error: could not export {fit_dir}: {exc}", err=True)
+        raise typer.Exit(1) from None
+    if fit.synthetic:
+        typer.echo("SYNTHETIC data: the exported estimates describe simulated patients.")
+    for p in paths:
+        typer.echo(f"wrote {p}")
+
+
+@app.command("report")
+def report_cmd(
+    fit_dir: str = typer.Argument(..., metavar="FIT", help="Fit folder written by 'carnk-pkpd fit'."),
+    out: str | None = typer.Option(None, "--out", help="HTML file (default FIT/report.html)."),
+    n_draws: int = typer.Option(100, "--draws", min=1, help="Posterior draws for predictions and VPC."),
+    seed: int = typer.Option(0, "--seed", help="Seed for thinning draws and replicated data."),
+) -> None:
+    """Write one self-contained HTML report (tables, diagnostics, GOF, VPC, individual fits)."""
+    from carnk_pkpd.report import write_report
+
+    fit = _load_fit_or_exit(fit_dir)
+    try:
+        path = write_report(fit, out, n_draws=n_draws, seed=seed)
+    except (OSError, ValueError) as exc:
+        typer.echo(f"Error: could not write the report of {fit_dir}: {exc}", err=True)
+        raise typer.Exit(1) from None
+    if fit.synthetic:
+        typer.echo("SYNTHETIC data: the report describes simulated patients.")
+    typer.echo(f"wrote {path}")
+
+
 # --- demo --------------------------------------------------------------------------------------------
 
 
