@@ -3,7 +3,7 @@
 nutpie runs the chains in parallel native threads and calls the JAX-compiled log density with
 gradients from PyTensor's graph (the structural solver enters as a JAX op with exact reverse-mode
 derivatives). ``gradient_backend="pytensor"`` is deliberate: differentiating the whole log density
-with ``jax.grad`` produces NaN through ``pm.Censored``'s unused branch (upper bound +inf for
+with ``jax.grad`` produces NaN through ``pm.Censored``'s unused branch (lower bound −inf for
 uncensored records), while PyTensor's symbolic gradient prunes it.
 """
 

@@ -14,7 +14,8 @@ Per structural parameter ``p`` (natural units as in ``models/*.toml``):
 
 Residual error per DVID: log-normal for CAR-NK by flow (DVID 1) and for qPCR (DVID 3, with a
 copies-per-cell conversion factor), combined proportional + additive for B cells (DVID 2). Records
-with BLQ = 1 contribute P(Y < LLOQ) (Beal's M3) through ``pm.Censored`` with the LLOQ as upper bound;
+with BLQ = 1 contribute P(Y < LLOQ) (Beal's M3) through ``pm.Censored`` with the LLOQ as lower
+(left-censoring) bound;
 they are never dropped or imputed. Clinical records (DVID 10–12) belong to the remission model.
 """
 
@@ -38,7 +39,8 @@ class ObservationData:
     """Concentration records of a cohort, arranged for the solver.
 
     ``times[s]`` are subject ``s``'s distinct sample times (days); each record points at
-    ``(subject_index, time_index)``; ``upper`` is the LLOQ for BLQ records and +inf otherwise.
+    ``(subject_index, time_index)``; ``lower`` is the LLOQ for BLQ records and −inf otherwise
+    (BLQ records are left-censored: they say Y < LLOQ).
     """
 
     ids: list[str]
@@ -58,8 +60,8 @@ class ObservationData:
         return len(self.ids)
 
     @property
-    def upper(self) -> np.ndarray:
-        return np.where(self.blq == 1, self.lloq, np.inf)
+    def lower(self) -> np.ndarray:
+        return np.where(self.blq == 1, self.lloq, -np.inf)
 
 
 def observation_data(cohort: Any, dvids: tuple[int, ...] = PK_DVIDS) -> ObservationData:
@@ -233,7 +235,7 @@ def build_model(spec: ModelSpec, data: ObservationData, *, accuracy: str = "defa
 
 def _likelihood(spec: ModelSpec, data: ObservationData, car_pred, b_pred) -> None:
     """Censored (M3) observed nodes, one per DVID present in the data."""
-    upper = data.upper
+    lower = data.lower
     for dvid in sorted(set(data.dvid.tolist())):
         if dvid not in spec.observations:
             raise ValueError(
@@ -254,7 +256,7 @@ def _likelihood(spec: ModelSpec, data: ObservationData, car_pred, b_pred) -> Non
             pred = b_pred[sel]
             dist = pm.Normal.dist(mu=pred, sigma=pt.sqrt((prop * pred) ** 2 + add**2))
         dv = np.where(data.blq[sel] == 1, data.lloq[sel], data.dv[sel])
-        pm.Censored(f"y_{label}", dist, lower=None, upper=upper[sel], observed=dv)
+        pm.Censored(f"y_{label}", dist, lower=lower[sel], upper=None, observed=dv)
 
 
 def _natural(label: str):
