@@ -88,6 +88,108 @@ def validate_cmd(files: list[str] = _VALIDATE_FILES) -> None:
 
 # --- doses (dose selection) --------------------------------------------------------------------------
 
+
+_DOSES_FIT = typer.Argument(..., help="Fit folder written by 'carnk-pkpd fit', e.g. fits/run1.")
+
+
+@app.command("doses")
+def doses_cmd(
+    fit_dir: str = _DOSES_FIT,
+    grid: str | None = typer.Option(
+        None, "--grid", help="Regimens: a YAML file, or DOSE:INTERVAL:N[:LD],... (10⁹ cells, days)."
+    ),
+    out: str | None = typer.Option(None, "--out", help="Output folder (default doses/<fit name>)."),
+    draws: int = typer.Option(200, "--draws", min=1, help="Posterior draws."),
+    patients: int = typer.Option(40, "--patients", min=1, help="New virtual patients per draw."),
+    seed: int = typer.Option(0, "--seed", help="Random seed (same seed, same results for any workers)."),
+    scheduler: str | None = typer.Option(None, "--scheduler", help="Dask scheduler address."),
+    workers: int = typer.Option(2, "--workers", min=0, help="Local Dask workers (threads); 0 = no Dask."),
+    da_target: float = typer.Option(45.0, "--da-target", help="Target aplasia duration (days)."),
+    w_remission: float = typer.Option(1.0, "--w-remission", help="Utility weight on P(DORIS at 12 mo)."),
+    w_safety: float = typer.Option(0.1, "--w-safety", help="Utility weight on P(Cmax > threshold)."),
+    w_cells: float = typer.Option(0.01, "--w-cells", help="Utility weight per 10⁹ cells given."),
+    cmax_threshold: float = typer.Option(100.0, "--cmax-threshold", help="Safety proxy (CAR-NK cells/µL)."),
+    top: int = typer.Option(10, "--top", min=1, help="Rows of the ranking to print."),
+) -> None:
+    """Rank dosing regimens by simulated remission, target attainment and safety (writes ranking.csv)."""
+    from pathlib import Path
+
+    from rich.console import Console
+    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+    from rich.table import Table
+
+    from carnk_pkpd.doses import GridError, Utility, load_grid, rank_regimens, ranking_table, write_results
+    from carnk_pkpd.errors import FitError
+    from carnk_pkpd.fits import load_fit
+
+    console = Console()
+    try:
+        fit = load_fit(fit_dir)
+        regimens = load_grid(grid) if grid else None
+    except (FitError, GridError) as e:
+        typer.echo(f"Error: {e}", err=True)
+        raise typer.Exit(1) from None
+    utility = Utility(w_remission, w_safety, w_cells, cmax_threshold)
+    dest = Path(out) if out else Path("doses") / Path(fit_dir).name
+    remission = None
+    rem_file = Path(fit_dir) / "remission.nc"
+    if rem_file.exists():
+        import xarray as xr
+
+        with xr.open_dataset(rem_file) as f:
+            remission = f.load()
+    client = cluster = None
+    try:
+        if scheduler or workers > 0:
+            from dask.distributed import Client, LocalCluster
+
+            if scheduler:
+                client = Client(scheduler)
+            else:
+                cluster = LocalCluster(n_workers=workers, threads_per_worker=1, processes=False,
+                                       dashboard_address=None)
+                client = Client(cluster)
+        with Progress(TextColumn("simulating regimens"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
+                      TimeElapsedColumn(), console=console, transient=True) as bar:
+            task = bar.add_task("doses", total=None)
+
+            def tick(done: int, total: int) -> None:
+                bar.update(task, completed=done, total=total)
+
+            ds = rank_regimens(fit, regimens, n_draws=draws, n_patients=patients, seed=seed, utility=utility,
+                               client=client, da_target=da_target, remission=remission, progress=tick)
+        write_results(ds, dest)
+    except (ValueError, OSError) as e:
+        typer.echo(f"Error: {e}", err=True)
+        raise typer.Exit(1) from None
+    finally:
+        if client is not None:
+            client.close()
+        if cluster is not None:
+            cluster.close()
+    syn = "SYNTHETIC — " if fit.synthetic else ""
+    table = Table(title=f"{syn}top regimens ({ds.attrs['utility']})")
+    cols = [("rank", "rank"), ("regimen", "regimen"), ("P(DORIS 12m)", "p_doris_12m"),
+            ("P(LLDAS 12m)", "p_lldas_12m"), ("P(DA≥target)", "pta_da"), ("P(Cmax>thr)", "p_cmax_high"),
+            ("P(best)", "p_best"), ("utility", "utility")]
+    for name, _ in cols:
+        table.add_column(name)
+    df = ranking_table(ds).head(top)
+    for _, row in df.iterrows():
+        cells = []
+        for _, key in cols:
+            if key in ("rank", "regimen"):
+                cells.append(str(row[key]))
+            elif key in ("p_best", "utility"):
+                cells.append(f"{row[key]:.3f}")
+            else:
+                cells.append(f"{row[key + '_median']:.2f} [{row[key + '_q05']:.2f}, {row[key + '_q95']:.2f}]")
+        table.add_row(*cells)
+    console.print(table)
+    console.print(f"remission: {ds.attrs['remission_source']}")
+    console.print(f"wrote {dest}/ranking.csv and plots" + (" (SYNTHETIC fit)" if fit.synthetic else ""))
+
+
 # --- export / report ---------------------------------------------------------------------------------
 
 

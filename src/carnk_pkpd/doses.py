@@ -106,8 +106,12 @@ def _regimen_from(where: str, key: str, item: Any) -> Regimen:
         if isinstance(v, bool) or not isinstance(v, int | float):
             raise GridError(f"{where}: {key}.{k}: expected a number, found {v!r}")
     try:
-        return Regimen(float(item["dose"]), float(item["interval"]), item["n_infusions"],
-                       float(item.get("ld_scale", 1.0)))
+        return Regimen(
+            float(item["dose"]),
+            float(item["interval"]),
+            item["n_infusions"],
+            float(item.get("ld_scale", 1.0)),
+        )
     except ValueError as e:
         bad = next((k for k in _KEYS if k in str(e).split()[0]), "")
         raise GridError(f"{where}: {key}{'.' + bad if bad else ''}: {e}") from None
@@ -279,8 +283,9 @@ class PosteriorSample:
         return cls(spec, typ, om, {}, n_tr, True, "model file [remission] link (ASSUMED)")
 
 
-def _link_arrays(post: PosteriorSample, take: np.ndarray, remission: xr.Dataset | None,
-                 rng: np.random.Generator) -> tuple[dict[str, Any], str]:
+def _link_arrays(
+    post: PosteriorSample, take: np.ndarray, remission: xr.Dataset | None, rng: np.random.Generator
+) -> tuple[dict[str, Any], str]:
     """Per selected draw: link intercepts (incl. visit effect) per ``p_{endpoint}_{visit}``, slope and
     patient-effect SD; from the stage-2 remission posterior when given, else the model file's link."""
     n = take.size
@@ -289,14 +294,18 @@ def _link_arrays(post: PosteriorSample, take: np.ndarray, remission: xr.Dataset 
 
         nd = _flat(remission, "theta1").size
         pick = rng.choice(nd, size=n, replace=n > nd)
-        out: dict[str, Any] = dict(theta1=_flat(remission, "theta1")[pick],
-                                   sigma_u=_flat(remission, "sigma_u")[pick])
+        out: dict[str, Any] = dict(
+            theta1=_flat(remission, "theta1")[pick], sigma_u=_flat(remission, "sigma_u")[pick]
+        )
         for v, day in VISITS.items():
             vd = _visit_effect(remission, day)[pick]
             out[f"a_doris_{v}"] = _flat(remission, "theta0_doris")[pick] + vd
             out[f"a_lldas_{v}"] = _flat(remission, "theta0_lldas")[pick] + vd
-        out.update(center=float(remission.attrs["center"]), scale=float(remission.attrs["scale"]),
-                   metric=str(remission.attrs["metric"]))
+        out.update(
+            center=float(remission.attrs["center"]),
+            scale=float(remission.attrs["scale"]),
+            metric=str(remission.attrs["metric"]),
+        )
         return out, "fitted remission model (ordinal DORIS/LLDAS link, stage-2 posterior)"
     rem = dict(post.spec.remission)
     th0 = post.remission.get("theta0", np.full(post.n_draws, float(rem.get("theta0", 0.5))))[take]
@@ -305,10 +314,14 @@ def _link_arrays(post: PosteriorSample, take: np.ndarray, remission: xr.Dataset 
     for v in VISITS:
         out[f"a_doris_{v}"] = th0
         out[f"a_lldas_{v}"] = th0
-    out.update(center=float(rem.get("center", 55.0)), scale=float(rem.get("scale", 15.0)),
-               metric=str(rem.get("metric", "DA")))
-    return out, ("model file [remission] link, ASSUMED values; one P(CR) stands for DORIS and LLDAS "
-                 "at 6 and 12 months")
+    out.update(
+        center=float(rem.get("center", 55.0)),
+        scale=float(rem.get("scale", 15.0)),
+        metric=str(rem.get("metric", "DA")),
+    )
+    return out, (
+        "model file [remission] link, ASSUMED values; one P(CR) stands for DORIS and LLDAS at 6 and 12 months"
+    )
 
 
 # --- one task -----------------------------------------------------------------------------------------
@@ -397,13 +410,23 @@ def _run_task(
     doses = np.asarray(reg.doses())
     d[:, : len(doses)], a[:, : len(doses)] = doses[:, 0], doses[:, 1]
     b_all = np.asarray(
-        solve_nodes(theta, np.broadcast_to(nodes, (S, nodes.size)), d, a, n_transit=st.n_transit,
-                    sweeps=int(st.accuracy["sweeps"]), structure=st.structure)
+        solve_nodes(
+            theta,
+            np.broadcast_to(nodes, (S, nodes.size)),
+            d,
+            a,
+            n_transit=st.n_transit,
+            sweeps=int(st.accuracy["sweeps"]),
+            structure=st.structure,
+        )
     )
     sel = nodes >= 0.0
     t_b, b = nodes[sel], b_all[:, sel]
-    car = np.asarray(car_closed_form(theta, d, a, np.broadcast_to(st.car_times, (S, st.car_times.size)),
-                                     structure=st.structure))
+    car = np.asarray(
+        car_closed_form(
+            theta, d, a, np.broadcast_to(st.car_times, (S, st.car_times.size)), structure=st.structure
+        )
+    )
     th = st.thresholds
     cmax = car.max(axis=1)
     da = time_below(t_b, b, th["aplasia_threshold"], tuple(th["aplasia_window"]))
@@ -521,13 +544,33 @@ def rank_regimens(
     last = max(r.interval * (r.n_infusions - 1) for r in regimens)
     car_times = np.arange(0.0, last + 28.0 + 1e-9, 0.25)
     k_tr_max = float(np.max(post.n_transit / post.typical["MTT"]))
-    st0 = _Settings(n_patients, post.n_transit, spec.structure, 0, max(r.n_infusions for r in regimens),
-                    car_times, da_target, utility.cmax_threshold, thresholds, {}, SEARCH_ACCURACY)
+    st0 = _Settings(
+        n_patients,
+        post.n_transit,
+        spec.structure,
+        0,
+        max(r.n_infusions for r in regimens),
+        car_times,
+        da_target,
+        utility.cmax_threshold,
+        thresholds,
+        {},
+        SEARCH_ACCURACY,
+    )
     raw_nodes = [_regimen_nodes(r, st0, k_tr_max) for r in regimens]
     n_nodes = max(n.size for n in raw_nodes)
     st = _Settings(
-        n_patients, post.n_transit, spec.structure, n_nodes, st0.n_dose, car_times, da_target,
-        utility.cmax_threshold, thresholds, {}, SEARCH_ACCURACY,
+        n_patients,
+        post.n_transit,
+        spec.structure,
+        n_nodes,
+        st0.n_dose,
+        car_times,
+        da_target,
+        utility.cmax_threshold,
+        thresholds,
+        {},
+        SEARCH_ACCURACY,
     )
     nodes_by_reg = [_regimen_nodes(r, st, k_tr_max) for r in regimens]
 
@@ -538,8 +581,12 @@ def rank_regimens(
         typ = {k: v[pad] for k, v in post.typical.items()}
         om = {k: v[pad] for k, v in post.omega.items()}
         omdl = {k: v[pad] for k, v in post.omega_dl.items()}
-        sel = np.concatenate([np.arange(c * per_task, c * per_task + n_real),
-                              np.full(per_task - n_real, c * per_task + n_real - 1)])
+        sel = np.concatenate(
+            [
+                np.arange(c * per_task, c * per_task + n_real),
+                np.full(per_task - n_real, c * per_task + n_real - 1),
+            ]
+        )
         link = {k: (v[sel] if isinstance(v, np.ndarray) else v) for k, v in link_all.items()}
         return typ, om, omdl, link, n_real
 
@@ -550,8 +597,9 @@ def rank_regimens(
     if client is None:
         for k, (r, c) in enumerate(tasks):
             typ, om, omdl, link, n_real = inputs[c]
-            results[(r, c)] = _run_task(regimens[r], typ, om, omdl, link, chunk_seqs[c], n_real,
-                                        nodes_by_reg[r], st)
+            results[(r, c)] = _run_task(
+                regimens[r], typ, om, omdl, link, chunk_seqs[c], n_real, nodes_by_reg[r], st
+            )
             if progress:
                 progress(k + 1, total)
     else:
@@ -560,8 +608,20 @@ def rank_regimens(
         futs = {}
         for r, c in tasks:
             typ, om, omdl, link, n_real = inputs[c]
-            f = client.submit(_run_task, regimens[r], typ, om, omdl, link, chunk_seqs[c], n_real,
-                              nodes_by_reg[r], st, pure=False, key=f"doses-{r}-{c}-{seed}")
+            f = client.submit(
+                _run_task,
+                regimens[r],
+                typ,
+                om,
+                omdl,
+                link,
+                chunk_seqs[c],
+                n_real,
+                nodes_by_reg[r],
+                st,
+                pure=False,
+                key=f"doses-{r}-{c}-{seed}",
+            )
             futs[f] = (r, c)
         for k, f in enumerate(as_completed(list(futs))):
             results[futs[f]] = f.result()
@@ -571,7 +631,9 @@ def rank_regimens(
 
     names = list(results[(0, 0)])
     stacked = {
-        n: np.stack([np.concatenate([results[(r, c)][n] for c in range(n_chunks)]) for r in range(len(regimens))])
+        n: np.stack(
+            [np.concatenate([results[(r, c)][n] for c in range(n_chunks)]) for r in range(len(regimens))]
+        )
         for n in names
     }
     coords = dict(
@@ -590,7 +652,11 @@ def rank_regimens(
         if n == "b_traj":
             data[n] = (("regimen", "draw", "time_b"), v, {"units": "cells/µL", "long_name": "median B cells"})
         elif n == "car_traj":
-            data[n] = (("regimen", "draw", "time_car"), v, {"units": "cells/µL", "long_name": "median CAR-NK"})
+            data[n] = (
+                ("regimen", "draw", "time_car"),
+                v,
+                {"units": "cells/µL", "long_name": "median CAR-NK"},
+            )
         else:
             data[n] = (("regimen", "draw"), v, {"long_name": _LABELS.get(n, n)})
     ds = xr.Dataset(data, coords=coords)
@@ -634,8 +700,12 @@ def ranking_table(ds: xr.Dataset):
                 row.update({f"{n}_q05": q[0], f"{n}_median": q[1], f"{n}_q95": q[2]})
         row["p_best"] = float(r["p_best"])
         u = np.quantile(r["utility"].values, [0.05, 0.5, 0.95])
-        row.update(utility=float(np.mean(r["utility"].values)), utility_q05=u[0], utility_median=u[1],
-                   utility_q95=u[2])
+        row.update(
+            utility=float(np.mean(r["utility"].values)),
+            utility_q05=u[0],
+            utility_median=u[1],
+            utility_q95=u[2],
+        )
         rows.append(row)
     df = pd.DataFrame(rows).sort_values(["utility", "p_best"], ascending=False, kind="stable")
     df.insert(0, "rank", np.arange(1, len(df) + 1))

@@ -34,12 +34,22 @@ def plot_remission(ds: xr.Dataset, path: str | Path) -> Path:
     (interval × number of infusions × lymphodepletion), with 90% bands."""
     plt = _plt()
     fig, axes = plt.subplots(1, 2, figsize=(12, 4.8), sharey=True)
-    sched = sorted({(float(i), int(n), float(ld)) for i, n, ld in zip(
-        ds["interval"].values, ds["n_infusions"].values, ds["ld_scale"].values, strict=True)})
+    sched = sorted(
+        {
+            (float(i), int(n), float(ld))
+            for i, n, ld in zip(
+                ds["interval"].values, ds["n_infusions"].values, ds["ld_scale"].values, strict=True
+            )
+        }
+    )
     colors = plt.get_cmap("tab10")
     for ax, var, name in zip(axes, ("p_doris_12m", "p_lldas_12m"), ("DORIS", "LLDAS"), strict=True):
         for k, (iv, n, ld) in enumerate(sched):
-            m = (ds["interval"].values == iv) & (ds["n_infusions"].values == n) & (ds["ld_scale"].values == ld)
+            m = (
+                (ds["interval"].values == iv)
+                & (ds["n_infusions"].values == n)
+                & (ds["ld_scale"].values == ld)
+            )
             idx = np.flatnonzero(m)
             idx = idx[np.argsort(ds["dose"].values[idx])]
             dose = ds["dose"].values[idx]
@@ -91,8 +101,9 @@ def plot_trajectories(ds: xr.Dataset, path: str | Path, max_regimens: int = 8) -
     for ax in (ax_b, ax_c):
         ax.grid(alpha=0.3)
     ax_b.legend(fontsize=8)
-    fig.suptitle(_title(ds, "Median trajectories, top regimens (90% band over posterior draws)"),
-                 fontweight="bold")
+    fig.suptitle(
+        _title(ds, "Median trajectories, top regimens (90% band over posterior draws)"), fontweight="bold"
+    )
     fig.tight_layout(rect=(0, 0, 1, 0.95))
     path = Path(path)
     fig.savefig(path, dpi=110)
@@ -103,5 +114,7 @@ def plot_trajectories(ds: xr.Dataset, path: str | Path, max_regimens: int = 8) -
 def plot_all(ds: xr.Dataset, folder: str | Path) -> list[Path]:
     """Write ``remission_vs_dose.png`` and ``trajectories.png`` into ``folder``."""
     folder = Path(folder)
-    return [plot_remission(ds, folder / "remission_vs_dose.png"),
-            plot_trajectories(ds, folder / "trajectories.png")]
+    return [
+        plot_remission(ds, folder / "remission_vs_dose.png"),
+        plot_trajectories(ds, folder / "trajectories.png"),
+    ]
