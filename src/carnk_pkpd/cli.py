@@ -86,6 +86,130 @@ def validate_cmd(files: list[str] = _VALIDATE_FILES) -> None:
 
 # --- predict (remission) -----------------------------------------------------------------------------
 
+
+def _predict_fail(message: str, code: int) -> typer.Exit:
+    """Print ``Error: message`` to stderr and return the exit (2 usage, 1 bad input)."""
+    typer.echo(f"Error: {message}", err=True)
+    return typer.Exit(code)
+
+
+def _write_csv_atomic(df, path) -> None:  # noqa: ANN001 - pandas DataFrame, pathlib.Path
+    """Write ``df`` to ``path`` via a temporary sibling file and ``os.replace``."""
+    import os
+    import tempfile
+
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        df.to_csv(tmp, index=False, float_format="%.6g")
+        os.replace(tmp, path)
+    except BaseException:
+        os.unlink(tmp)
+        raise
+
+
+@app.command("predict")
+def predict_cmd(
+    fit_dir: str = typer.Argument(..., metavar="FIT", help="Fit folder written by 'carnk-pkpd fit'."),
+    dose: float | None = typer.Option(
+        None, "--dose", help="10⁹ CAR-NK cells per infusion; omit for every dose level."
+    ),
+    interval: float = typer.Option(3.0, "--interval", help="Days between infusions."),
+    infusions: int = typer.Option(3, "--infusions", help="Number of infusions."),
+    ld_scale: float = typer.Option(1.0, "--ld-scale", help="Lymphodepletion kill scale (1 = Cy/Flu)."),
+    visits: str = typer.Option("180,365", "--visits", help="Visit days, comma-separated."),
+    out: str = typer.Option(".", "--out", help="Folder for remission.csv (default: current folder)."),
+    seed: int = typer.Option(0, "--seed", help="Random seed."),
+    n_patients: int = typer.Option(20, "--patients", help="Virtual patients per posterior draw."),
+    published: str | None = typer.Option(
+        None, "--published", help="Add published counts (e.g. models/published_counts.toml); double-counts."
+    ),
+) -> None:
+    """Predict P(DORIS) and P(LLDAS) for a new patient (median, 90% interval) and write remission.csv.
+
+    The remission link is fitted once and stored in the fit folder (remission.nc). Without --dose,
+    predictions are made for each of the model file's dose levels. Exit 2 on bad options, 1 on a bad
+    fit folder.
+    """
+    from pathlib import Path
+
+    import pandas as pd
+    from rich.console import Console
+    from rich.table import Table
+
+    from carnk_pkpd.errors import FitError
+    from carnk_pkpd.fits import load_fit
+    from carnk_pkpd.regimen import Regimen
+    from carnk_pkpd.remission import predict_by_dose_level, predict_remission, prediction_table
+
+    try:
+        days = [float(v) for v in visits.split(",") if v.strip()]
+    except ValueError:
+        raise _predict_fail(
+            f"--visits: expected comma-separated days such as 180,365 (found {visits!r})", 2
+        ) from None
+    if not days or any(not (d > 0) for d in days):
+        raise _predict_fail(f"--visits: days must be > 0 (found {visits!r})", 2)
+    regimen = None
+    if dose is not None:
+        try:
+            regimen = Regimen(dose, interval, infusions, ld_scale)
+        except ValueError as exc:
+            raise _predict_fail(str(exc), 2) from None
+    if n_patients < 1:
+        raise _predict_fail(f"--patients must be >= 1 (found {n_patients})", 2)
+    out_dir = Path(out)
+    if not out_dir.is_dir():
+        raise _predict_fail(f"--out {out}: not an existing folder", 2)
+    if published is not None and not Path(published).is_file():
+        raise _predict_fail(f"--published {published}: file not found", 2)
+    if not Path(fit_dir).is_dir():
+        raise _predict_fail(
+            f"{fit_dir}: not a fit folder (expected a directory written by 'carnk-pkpd fit')", 2
+        )
+    try:
+        fit = load_fit(fit_dir)
+    except FitError as exc:
+        raise _predict_fail(str(exc), 1) from None
+    console = Console()
+    tag = "[bold red]SYNTHETIC[/] " if fit.synthetic else ""
+    try:
+        if regimen is not None:
+            ds = predict_remission(fit, regimen, days, n_patients, seed, published=published)
+            table = prediction_table(ds, regimen)
+            title = f"{tag}Remission for a new patient: {regimen.label()}"
+        else:
+            ds = predict_by_dose_level(fit, days, n_patients, seed, published=published)
+            parts = []
+            for lab in ds["dose_level"].values:
+                sub = ds.sel(dose_level=lab)
+                reg = Regimen(float(sub["dose"]), float(sub["interval"]), int(sub["n_infusions"]), 1.0)
+                parts.append(prediction_table(sub, reg).assign(dose_level=str(lab)))
+            table = pd.concat(parts, ignore_index=True)
+            title = f"{tag}Remission for a new patient, by dose level"
+    except ValueError as exc:
+        raise _predict_fail(str(exc), 1) from None
+    cols = ["endpoint", "day", "median", "q05", "q95", "dose", "interval", "n_infusions", "ld_scale", "mean"]
+    if "dose_level" in table:
+        cols = ["dose_level", *cols]
+    table = table[cols]
+    rich_table = Table(title=title)
+    for c in cols:
+        rich_table.add_column(c, justify="left" if c in ("endpoint", "dose_level") else "right")
+    for row in table.itertuples(index=False):
+        rich_table.add_row(*(f"{v:.3g}" if isinstance(v, float) else str(v) for v in row))
+    console.print(rich_table)
+    console.print(
+        f"median and 90% interval of the population probability (parameter uncertainty); mean = predictive "
+        f"probability; metric {ds.attrs.get('metric')}"
+        + ("; published counts added (double-counts trial patients)" if published else "")
+    )
+    target = out_dir / "remission.csv"
+    try:
+        _write_csv_atomic(table, target)
+    except OSError as exc:
+        raise _predict_fail(f"could not write {target}: {exc}", 1) from None
+    console.print(f"{tag}wrote {target}")
 # --- doses (dose selection) --------------------------------------------------------------------------
 
 
