@@ -50,8 +50,9 @@ def test_blq_records_contribute_the_probability_below_lloq_m3():
     data = observation_data(tiny_cohort())
     model = build_model(spec, data)
     point = model.initial_point()  # all z = 0, eta = 0: every parameter at its typical value
-    car_rv, b_rv = model["y_car_flow"], model["y_bcell_flow"]
-    logps = model.compile_fn(model.logp(vars=[car_rv, b_rv], sum=False), on_unused_input="ignore")(point)
+    names = ["ll_car_flow_obs", "ll_car_flow_blq", "ll_bcell_flow_obs", "ll_bcell_flow_blq"]
+    terms = model.replace_rvs_by_values([model[n] for n in names])
+    car_obs, car_blq, b_obs, b_blq = model.compile_fn(terms, on_unused_input="ignore")(point)
     # independent prediction with the same typical values
     doses = [(0.0, 3.0), (3.0, 3.0), (6.0, 3.0)]
     sim = ck.simulate({}, doses, [1.0, 7.0, 28.0, 90.0, 120.0], accuracy="tight")
@@ -59,19 +60,40 @@ def test_blq_records_contribute_the_probability_below_lloq_m3():
     b = dict(zip(sim.time.values, sim.bcell.values, strict=True))
     s_car = spec.observations[1].sigma["log"]
     prop, add = spec.observations[2].sigma["prop"], spec.observations[2].sigma["add"]
-    expected_car = [
-        stats.lognorm.logpdf(20.0, s_car, scale=car[1.0]),
-        stats.lognorm.logpdf(35.0, s_car, scale=car[7.0]),
-        stats.norm.logcdf((np.log(0.1) - np.log(car[90.0])) / s_car),  # BLQ: P(Y < LLOQ)
-    ]
+    np.testing.assert_allclose(
+        car_obs,
+        [
+            stats.lognorm.logpdf(20.0, s_car, scale=car[1.0]),
+            stats.lognorm.logpdf(35.0, s_car, scale=car[7.0]),
+        ],
+        rtol=1e-4,
+    )
+    # BLQ: log P(Y < LLOQ), never dropped, never imputed
+    np.testing.assert_allclose(
+        car_blq, [stats.norm.logcdf((np.log(0.1) - np.log(car[90.0])) / s_car)], atol=1e-9
+    )
     sd = lambda m: np.hypot(prop * m, add)  # noqa: E731
-    expected_b = [
-        stats.norm.logpdf(2.0, b[7.0], sd(b[7.0])),
-        stats.norm.logcdf(1.0, b[28.0], sd(b[28.0])),  # BLQ: P(Y < LLOQ)
-        stats.norm.logpdf(60.0, b[120.0], sd(b[120.0])),
-    ]
-    np.testing.assert_allclose(logps[0], expected_car, rtol=1e-4)
-    np.testing.assert_allclose(logps[1], expected_b, rtol=1e-4)
+    np.testing.assert_allclose(
+        b_obs,
+        [stats.norm.logpdf(2.0, b[7.0], sd(b[7.0])), stats.norm.logpdf(60.0, b[120.0], sd(b[120.0]))],
+        rtol=1e-4,
+    )
+    np.testing.assert_allclose(b_blq, [stats.norm.logcdf(1.0, b[28.0], sd(b[28.0]))], rtol=1e-4)
+
+
+def test_normal_lcdf_is_accurate_in_both_tails_and_has_finite_gradients():
+    import pytensor
+    import pytensor.tensor as pt
+
+    from carnk_pkpd.statistical import normal_lcdf
+
+    z = pt.dvector("z")
+    f = pytensor.function([z], [normal_lcdf(z), pytensor.grad(normal_lcdf(z).sum(), z)])
+    grid = np.array([-40.0, -10.0, -1.5, -1.0, -0.2, 0.0, 1.0, 5.0, 12.0])
+    val, grad = f(grid)
+    np.testing.assert_allclose(val, stats.norm.logcdf(grid), rtol=1e-10, atol=1e-300)
+    np.testing.assert_allclose(grad, np.exp(stats.norm.logpdf(grid) - stats.norm.logcdf(grid)), rtol=1e-8)
+    assert np.all(np.isfinite(grad))
 
 
 def test_fit_folder_holds_posterior_model_data_summary_and_manifest(small_fit):

@@ -1,10 +1,10 @@
 """Sampling: build the PyMC model, compile it for nutpie (JAX backend), sample, diagnose.
 
 nutpie runs the chains in parallel native threads and calls the JAX-compiled log density with
-gradients from PyTensor's graph (the structural solver enters as a JAX op with exact reverse-mode
-derivatives). ``gradient_backend="pytensor"`` is deliberate: differentiating the whole log density
-with ``jax.grad`` produces NaN through ``pm.Censored``'s unused branch (lower bound −inf for
-uncensored records), while PyTensor's symbolic gradient prunes it.
+``jax.grad`` gradients (the structural solver enters as a JAX op, so one reverse pass covers the
+solver and the likelihood; PyTensor's own gradient of a JAX op would run the solver a second time
+inside a separate VJP op). The likelihood avoids ``pm.Censored``, whose unused branch gives NaN
+gradients under ``jax.grad`` (see ``statistical.normal_lcdf``).
 """
 
 from __future__ import annotations
@@ -96,7 +96,7 @@ def fit(
     pm_model = build_model(spec, data, accuracy=accuracy)
     stage("compiling (JAX)")
     t0 = time.perf_counter()
-    compiled = nutpie.compile_pymc_model(pm_model, backend="jax", gradient_backend="pytensor")
+    compiled = nutpie.compile_pymc_model(pm_model, backend="jax", gradient_backend="jax")
     t_compile = time.perf_counter() - t0
     stage(f"sampling {chains} chains x ({tune} tune + {draws} draws)")
     t1 = time.perf_counter()
@@ -113,10 +113,9 @@ def fit(
     t_sample = time.perf_counter() - t1
     groups = {name: trace[name].to_dataset() for name in ("posterior", "sample_stats") if name in trace}
     groups["constant_data"] = records_dataset(data)
-    obs = {}
-    for name in pm_model.observed_RVs:
-        obs[name.name] = ("record_" + name.name, np.asarray(pm_model.rvs_to_values[name].data))
-    groups["observed_data"] = xr.Dataset(obs)
+    groups["observed_data"] = xr.Dataset(
+        {"DV": ("record", data.dv)}, coords={"record": np.arange(len(data.dv))}
+    )
     idata = xr.DataTree.from_dict({f"/{k}": v for k, v in groups.items()})
     diag = diagnose(groups["posterior"], groups.get("sample_stats"))
     ess = diag.min_ess_bulk

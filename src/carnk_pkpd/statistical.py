@@ -14,8 +14,7 @@ Per structural parameter ``p`` (natural units as in ``models/*.toml``):
 
 Residual error per DVID: log-normal for CAR-NK by flow (DVID 1) and for qPCR (DVID 3, with a
 copies-per-cell conversion factor), combined proportional + additive for B cells (DVID 2). Records
-with BLQ = 1 contribute P(Y < LLOQ) (Beal's M3) through ``pm.Censored`` with the LLOQ as lower
-(left-censoring) bound;
+with BLQ = 1 contribute log P(Y < LLOQ) (Beal's M3, left-censoring at the LLOQ);
 they are never dropped or imputed. Clinical records (DVID 10–12) belong to the remission model.
 """
 
@@ -233,30 +232,58 @@ def build_model(spec: ModelSpec, data: ObservationData, *, accuracy: str = "defa
     return model
 
 
+def normal_lcdf(z):
+    """log Φ(z), accurate in both tails and with finite gradients everywhere (no NaN from the
+    branch that is not taken: each branch only ever sees arguments of its own range)."""
+    lo = z < -1.0
+    z_lo = pt.switch(lo, z, -1.0)
+    z_hi = pt.switch(lo, -1.0, z)
+    left = pt.log(pt.erfcx(-z_lo / np.sqrt(2.0)) / 2.0) - z_lo**2 / 2.0
+    right = pt.log1p(-pt.erfc(z_hi / np.sqrt(2.0)) / 2.0)
+    return pt.switch(lo, left, right)
+
+
 def _likelihood(spec: ModelSpec, data: ObservationData, car_pred, b_pred) -> None:
-    """Censored (M3) observed nodes, one per DVID present in the data."""
-    lower = data.lower
+    """Log-likelihood terms per DVID: densities of quantified records and, for BLQ records,
+    log P(Y < LLOQ) (M3). Written out rather than through ``pm.Censored`` so that the whole density
+    differentiates cleanly in JAX; each term is a named potential ``ll_<observation>_obs|_blq``."""
     for dvid in sorted(set(data.dvid.tolist())):
         if dvid not in spec.observations:
             raise ValueError(
                 f"the cohort has DVID {dvid} records but the model file declares no observation for it"
             )
         obs_spec = spec.observations[dvid]
-        sel = np.flatnonzero(data.dvid == dvid)
         label = obs_spec.name
+        sel = np.flatnonzero(data.dvid == dvid)
+        blq = data.blq[sel] == 1
+        quant, cens = sel[~blq], sel[blq]
         if obs_spec.error == "lognormal":
             sigma = _scalar_rv(f"sigma_{label}", obs_spec.residual["log"])
-            pred = car_pred[sel] + CAR_FLOOR
+            scale = 1.0
             if obs_spec.conversion is not None:
-                pred = pred * _scalar_rv(obs_spec.conversion.name, obs_spec.conversion)
-            dist = pm.LogNormal.dist(mu=pt.log(pred), sigma=sigma)
+                scale = _scalar_rv(obs_spec.conversion.name, obs_spec.conversion)
+            mu_q = pt.log(car_pred[quant] * scale + CAR_FLOOR)
+            mu_c = pt.log(car_pred[cens] * scale + CAR_FLOOR)
+            y = data.dv[quant]
+            if np.any(y <= 0):
+                raise ValueError(
+                    f"DVID {dvid} has quantified values <= 0; a log-normal error needs them > 0 or BLQ"
+                )
+            ll_q = (
+                -np.log(y) - pt.log(sigma) - 0.5 * np.log(2 * np.pi) - 0.5 * ((np.log(y) - mu_q) / sigma) ** 2
+            )
+            ll_c = normal_lcdf((np.log(data.lloq[cens]) - mu_c) / sigma)
         else:
             prop = _scalar_rv(f"sigma_{label}_prop", obs_spec.residual["prop"])
             add = _scalar_rv(f"sigma_{label}_add", obs_spec.residual["add"])
-            pred = b_pred[sel]
-            dist = pm.Normal.dist(mu=pred, sigma=pt.sqrt((prop * pred) ** 2 + add**2))
-        dv = np.where(data.blq[sel] == 1, data.lloq[sel], data.dv[sel])
-        pm.Censored(f"y_{label}", dist, lower=lower[sel], upper=None, observed=dv)
+            m_q, m_c = b_pred[quant], b_pred[cens]
+            sd_q = pt.sqrt((prop * m_q) ** 2 + add**2)
+            sd_c = pt.sqrt((prop * m_c) ** 2 + add**2)
+            y = data.dv[quant]
+            ll_q = -pt.log(sd_q) - 0.5 * np.log(2 * np.pi) - 0.5 * ((y - m_q) / sd_q) ** 2
+            ll_c = normal_lcdf((data.lloq[cens] - m_c) / sd_c)
+        pm.Potential(f"ll_{label}_obs", ll_q)
+        pm.Potential(f"ll_{label}_blq", ll_c)
 
 
 def _natural(label: str):
