@@ -82,6 +82,98 @@ def validate_cmd(files: list[str] = _VALIDATE_FILES) -> None:
 
 # --- simulate (structural) ---------------------------------------------------------------------------
 
+
+def _usage_error(message: str) -> typer.Exit:
+    """Print ``Error: message`` to stderr; the caller raises the returned exit code 2."""
+    typer.echo(f"Error: {message}", err=True)
+    return typer.Exit(2)
+
+
+def _parse_dvids(text: str) -> tuple[int, ...]:
+    """``"1,2"`` → ``(1, 2)``; only the concentration measures 1, 2 and 3."""
+    out: list[int] = []
+    for item in (s.strip() for s in text.split(",")):
+        if item not in ("1", "2", "3"):
+            raise ValueError(
+                f"--dvids: {item!r} is not a measure to simulate (expected a comma-separated subset of 1, 2, 3: "
+                "1 CAR-NK flow, 2 B cells, 3 CAR qPCR; clinical scores 10-12 are always written)"
+            )
+        if int(item) in out:
+            raise ValueError(f"--dvids: {item} given twice (found {text!r})")
+        out.append(int(item))
+    return tuple(out)
+
+
+@app.command("simulate")
+def simulate_cmd(
+    out: str = typer.Option(..., "--out", help="Cohort CSV to write (replaced atomically if it exists)."),
+    model: str = typer.Option("reference", "--model", help="Model name (models/<name>.toml) or path."),
+    dose_levels: str | None = typer.Option(
+        None,
+        "--dose-levels",
+        help='Subjects per dose level "1:1,2:1,3:5,4:13", or labels "1,2,3,4" with --n-subjects; '
+        "default: the model file's mix (scaled to --n-subjects when given).",
+    ),
+    n_subjects: int | None = typer.Option(None, "--n-subjects", help="Number of virtual subjects."),
+    seed: int = typer.Option(0, "--seed", help="Random seed; the same seed writes the same file."),
+    dvids: str = typer.Option("1,2", "--dvids", help="Measures: 1 CAR-NK flow, 2 B cells, 3 CAR qPCR."),
+    follow_up: float | None = typer.Option(
+        None, "--follow-up", help="Follow-up in days for every subject (default: drawn like the trial)."
+    ),
+) -> None:
+    """Simulate a SYNTHETIC cohort from a model file and write it in the cohort data format.
+
+    Sampling schedules, residual errors, BLQ censoring and DORIS/LLDAS/SLEDAI-2K visits follow
+    science.md §4; the file starts with a "# SYNTHETIC" comment. Exit 2 on bad options.
+    """
+    from pathlib import Path
+
+    from rich.console import Console
+
+    from carnk_pkpd.cohortsim import parse_dose_levels, simulate_cohort
+    from carnk_pkpd.data import read_cohort, render_summary, write_cohort
+    from carnk_pkpd.errors import DataError, ModelFileError
+    from carnk_pkpd.spec import ModelFileProblems, load_model
+
+    try:
+        wanted_dvids = _parse_dvids(dvids)
+        levels = parse_dose_levels(dose_levels) if dose_levels is not None else None
+    except ValueError as exc:
+        raise _usage_error(str(exc)) from None
+    if n_subjects is not None and n_subjects < 1:
+        raise _usage_error(f"--n-subjects must be >= 1 (found {n_subjects})")
+    if follow_up is not None and not (follow_up > 0 and follow_up < float("inf")):
+        raise _usage_error(f"--follow-up must be a number of days > 0 (found {follow_up})")
+    target = Path(out)
+    if target.is_dir():
+        raise _usage_error(f"--out {out} is a folder (expected a file name such as cohort.csv)")
+    if not target.parent.is_dir():
+        raise _usage_error(f"--out {out}: folder {target.parent} does not exist")
+    try:
+        spec = load_model(model)
+    except ModelFileProblems as exc:
+        typer.echo(str(exc), err=True)
+        raise typer.Exit(1) from None
+    except (ModelFileError, OSError) as exc:
+        raise _usage_error(f"--model {model}: {exc}") from None
+    try:
+        cohort, _ = simulate_cohort(spec, levels, n_subjects, seed, dvids=wanted_dvids, follow_up=follow_up)
+    except ValueError as exc:
+        raise _usage_error(str(exc)) from None
+    try:
+        path = write_cohort(cohort, target)
+        written = read_cohort(path)
+    except (OSError, DataError) as exc:
+        typer.echo(f"Error: could not write {out}: {exc}", err=True)
+        raise typer.Exit(1) from None
+    console = Console()
+    render_summary(written, console)
+    console.print(
+        f"[bold red]SYNTHETIC[/]: wrote {path} ({len(written.subjects)} simulated subjects, model "
+        f"{spec.name}, seed {seed}); not trial data."
+    )
+
+
 # --- fit (inference) ---------------------------------------------------------------------------------
 
 # --- predict (remission) -----------------------------------------------------------------------------
@@ -379,17 +471,43 @@ def report_cmd(
 # --- demo --------------------------------------------------------------------------------------------
 
 
-@app.command("demo")
-def demo_cmd() -> None:
-    """Show the package on its embedded SYNTHETIC example cohort (simulated numbers, not trial data)."""
-    from rich.console import Console
+from collections.abc import Callable  # noqa: E402  (kept in this section: used by the demo steps only)
+from typing import Any  # noqa: E402
 
+
+def _demo_reference_cohort(console: Any, state: dict[str, Any]) -> None:
+    """Step: read the embedded SYNTHETIC reference cohort and print its summary."""
     from carnk_pkpd.data import embedded_cohort_path, read_cohort, render_summary
 
-    console = Console()
-    cohort = read_cohort(embedded_cohort_path("example"))
-    console.rule("[bold red]SYNTHETIC demo: simulated numbers, not trial data")
+    path = embedded_cohort_path("reference")
+    cohort = read_cohort(path)
+    console.print(
+        "The embedded reference cohort was simulated by carnk_pkpd (benchmarks/make_reference_cohort.py, "
+        "models/reference.toml, seed 20241119): 20 virtual subjects at dose levels 1/1/5/13."
+    )
     render_summary(cohort, console)
+    state["cohort"] = cohort
+
+
+#: The demo's steps, in order: (title, function(console, state)). Each step reads what earlier steps
+#: left in ``state`` (e.g. ``state["cohort"]``) and adds its own results; append steps here.
+DEMO_STEPS: list[tuple[str, Callable[[Any, dict[str, Any]], None]]] = [
+    ("SYNTHETIC reference cohort", _demo_reference_cohort),
+]
+
+
+@app.command("demo")
+def demo_cmd() -> None:
+    """Show the package on its embedded SYNTHETIC reference cohort (simulated numbers, not trial data)."""
+    from rich.console import Console
+
+    console = Console()
+    console.rule("[bold red]SYNTHETIC demo: simulated numbers, not trial data")
+    state: dict[str, Any] = {}
+    for number, (title, step) in enumerate(DEMO_STEPS, start=1):
+        console.rule(f"[bold]Step {number}: {title}")
+        step(console, state)
+    console.rule("[bold red]End of the SYNTHETIC demo: every number above is simulated")
 
 
 def main() -> None:
