@@ -102,14 +102,6 @@ def test_help_lists_validate_and_demo(runner):
     assert "validate" in result.stdout and "demo" in result.stdout
 
 
-def test_demo_shows_the_embedded_synthetic_cohort(runner):
-    result = runner.invoke(app, ["demo"])
-    assert result.exit_code == 0, result.output
-    out = squash(result.stdout)
-    assert "SYNTHETIC demo" in out
-    assert "3 subjects" in out and "Subjects per dose level" in out
-
-
 def test_installed_console_script_exit_codes(tmp_path):
     exe = Path(sys.executable).parent / "carnk-pkpd"
     if not exe.exists():
