@@ -269,7 +269,7 @@ def predict_cmd(
         if regimen is not None:
             ds = predict_remission(fit, regimen, days, n_patients, seed, published=published)
             table = prediction_table(ds, regimen)
-            title = f"{tag}Remission for a new patient: {regimen.label()}"
+            title = f"{tag}Remission for a new patient: {regimen.label}"
         else:
             ds = predict_by_dose_level(fit, days, n_patients, seed, published=published)
             parts = []

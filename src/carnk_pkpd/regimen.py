@@ -1,6 +1,7 @@
-"""A CAR-NK regimen: dose per infusion, interval and number of infusions (plus lymphodepletion scale).
+"""A dosing regimen of CAR-NK cells: dose per infusion, interval, number of infusions, lymphodepletion.
 
-Shared by remission prediction (:mod:`carnk_pkpd.remission`) and dose selection.
+Shared by the remission prediction (:mod:`carnk_pkpd.remission`) and the dose search
+(:mod:`carnk_pkpd.doses`).
 """
 
 from __future__ import annotations
@@ -9,45 +10,48 @@ import math
 from dataclasses import dataclass
 from typing import Any
 
-__all__ = ["Regimen"]
-
 
 @dataclass(frozen=True)
 class Regimen:
-    """``n_infusions`` infusions of ``dose`` (10⁹ CAR-NK cells each), ``interval`` days apart, the first
-    at day 0; ``ld_scale`` multiplies the lymphodepletion kill rate ``k_LD0`` (1 = standard Cy/Flu)."""
+    """``dose`` 10⁹ CAR-NK cells per infusion, ``interval`` days between infusions, ``n_infusions``,
+    and ``ld_scale`` multiplying the lymphodepletion kill rate ``k_LD0`` (1 = as in the trial,
+    0 = no lymphodepletion)."""
 
     dose: float
     interval: float
-    n_infusions: int = 3
+    n_infusions: int
     ld_scale: float = 1.0
 
     def __post_init__(self) -> None:
-        if not (math.isfinite(self.dose) and self.dose > 0):
-            raise ValueError(f"dose must be > 0 (10⁹ cells per infusion; found {self.dose})")
-        if not (math.isfinite(self.interval) and self.interval >= 0):
-            raise ValueError(f"interval must be >= 0 days (found {self.interval})")
+        if not (math.isfinite(self.dose) and self.dose >= 0):
+            raise ValueError(f"dose must be a finite number >= 0 (10⁹ cells), found {self.dose!r}")
+        if not (math.isfinite(self.interval) and self.interval > 0):
+            raise ValueError(f"interval must be a finite number > 0 (days), found {self.interval!r}")
         if int(self.n_infusions) != self.n_infusions or self.n_infusions < 1:
-            raise ValueError(f"n_infusions must be a whole number >= 1 (found {self.n_infusions})")
+            raise ValueError(f"n_infusions must be an integer >= 1, found {self.n_infusions!r}")
         if not (math.isfinite(self.ld_scale) and self.ld_scale >= 0):
-            raise ValueError(f"ld_scale must be >= 0 (found {self.ld_scale})")
+            raise ValueError(f"ld_scale must be a finite number >= 0, found {self.ld_scale!r}")
+        object.__setattr__(self, "n_infusions", int(self.n_infusions))
 
-    def doses(self) -> list[tuple[float, float]]:
-        """``[(day, 10⁹ cells), ...]`` of the infusions."""
-        return [(float(i * self.interval), float(self.dose)) for i in range(int(self.n_infusions))]
+    def doses(self, start: float = 0.0) -> list[tuple[float, float]]:
+        """Infusions as ``(time in days, amount in 10⁹ cells)``, the first at ``start``."""
+        return [(start + i * self.interval, self.dose) for i in range(self.n_infusions)]
 
     @property
-    def total_dose(self) -> float:
-        """Cells over all infusions (10⁹)."""
-        return float(self.dose * self.n_infusions)
+    def total_cells(self) -> float:
+        """Cells over the whole regimen (10⁹)."""
+        return self.dose * self.n_infusions
 
+    @property
     def label(self) -> str:
-        """Short text, e.g. ``3 x 2×10⁹ cells every 3 d``."""
-        ld = "" if self.ld_scale == 1.0 else f", LD x{self.ld_scale:g}"
-        return f"{int(self.n_infusions)} x {self.dose:g}×10⁹ cells every {self.interval:g} d{ld}"
+        """Short readable name, e.g. ``3x2e9 q3d`` or ``3x2e9 q3d LD0.5``."""
+        s = f"{self.n_infusions}x{self.dose:g}e9 q{self.interval:g}d"
+        if self.ld_scale != 1.0:
+            s += " noLD" if self.ld_scale == 0 else f" LD{self.ld_scale:g}"
+        return s
 
     def as_dict(self) -> dict[str, Any]:
-        """Plain mapping (for CSV columns and attrs)."""
+        """Plain mapping ``dose, interval, n_infusions, ld_scale`` (CSV columns, attrs)."""
         return {
             "dose": float(self.dose),
             "interval": float(self.interval),

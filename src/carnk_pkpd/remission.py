@@ -305,13 +305,15 @@ def sample_remission(
     chains: int = 2,
     seed: int = 0,
     sampler: str = "nutpie",
+    backend: str = "jax",
 ) -> xr.Dataset:
     """Fit the ordinal link given per-subject metric draws ``(subject, K)``; returns the posterior.
 
     ``outcomes``: ``ID, day, DORIS, LLDAS`` (see :func:`outcomes_from_cohort`). Priors (weakly
     informative, on the model file's scale): ``theta0_lldas ~ N(theta0, 2)``, ``delta ~ HalfNormal(2)``,
     ``theta1 ~ N(theta1, 2)``, ``sigma_u ~ HalfNormal(1)``, ``tau_visit ~ HalfNormal(0.5)`` per unit
-    log-day. ``published_metrics`` maps a dose-level label to virtual patients' metric values.
+    log-day. ``sampler``: "nutpie" (``backend`` "jax" or "numba") or "pymc".
+    ``published_metrics`` maps a dose-level label to virtual patients' metric values.
     Returns a Dataset on ``chain, draw`` (``u`` on ``subject``, ``v`` on ``visit_day``).
     """
     import pymc as pm
@@ -395,7 +397,7 @@ def sample_remission(
         if sampler == "nutpie":
             import nutpie
 
-            compiled = nutpie.compile_pymc_model(model, backend="numba")
+            compiled = nutpie.compile_pymc_model(model, backend=backend)
             idata = nutpie.sample(
                 compiled, draws=draws, tune=tune, chains=chains, seed=seed, progress_bar=False, cores=chains
             )
@@ -467,7 +469,7 @@ def link_probabilities(
     x = _metric_values(metric, str(post.attrs["metric"]))
     z = (x - center) / scale
     nd = _flat(post, "theta1").size
-    extra = (1,) * max(np.ndim(z) - 1, 0)
+    extra = (1,) * max(np.ndim(z) - 1, np.ndim(u) - 1 if u is not None else 0, 0)
     b = _flat(post, "theta1").reshape((nd, *extra))
     v = _visit_effect(post, day).reshape((nd, *extra))
     eta = b * z + v + (0.0 if u is None else u)

@@ -1,0 +1,186 @@
+"""Remission model: known-coefficient recovery, ordering, calibration, predictions on a fit, CLI.
+
+The link tests bypass the kinetic fit: DA of 150 virtual patients comes from the structural model
+(reference file, log-normal BSV), its "posterior" is the true DA plus noise, and DORIS/LLDAS visits are
+drawn from the ordinal logistic link with known coefficients.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+from typer.testing import CliRunner
+
+from carnk_pkpd import remission as R
+from carnk_pkpd.regimen import Regimen
+
+TRUTH = {"theta0_lldas": 1.0, "delta": 1.5, "theta1": 1.2, "sigma_u": 0.5}
+CENTER, SCALE = 55.0, 15.0
+
+
+def _true_da(n: int, seed: int) -> np.ndarray:
+    """DA (days) of ``n`` virtual patients at random trial dose levels, from the structural model."""
+    from carnk_pkpd.spec import load_model
+    from carnk_pkpd.structural import derived_metrics
+
+    spec = load_model("reference")
+    rng = np.random.default_rng(seed)
+    params = {}
+    for name, p in spec.parameters.items():
+        if name != "n_transit" and p.bsv_sd:
+            params[name] = p.typical * np.exp(p.bsv_sd * rng.standard_normal(n))
+    levels = list(spec.dose_levels.values())
+    doses = [levels[i].doses() for i in rng.integers(0, len(levels), n)]
+    m = derived_metrics(params, doses, spec, horizon=180.0, resolution=0.5)
+    return m["DA"].values
+
+
+def _outcomes(da: np.ndarray, days: list[float], rng: np.random.Generator) -> pd.DataFrame:
+    """Ordinal visits (none < LLDAS only < DORIS) from the true link; visit effect 0."""
+    u = TRUTH["sigma_u"] * rng.standard_normal(da.size)
+    rows = []
+    for i, x in enumerate(da):
+        eta = TRUTH["theta1"] * (x - CENTER) / SCALE + u[i]
+        p_l = 1 / (1 + np.exp(-(TRUTH["theta0_lldas"] + eta)))
+        p_d = 1 / (1 + np.exp(-(TRUTH["theta0_lldas"] - TRUTH["delta"] + eta)))
+        for d in days:
+            r = rng.uniform()
+            rows.append({"ID": str(i), "day": d, "DORIS": float(r < p_d), "LLDAS": float(r < p_l)})
+    return pd.DataFrame(rows)
+
+
+@pytest.fixture(scope="module")
+def link_fit():
+    """Stage 2 fitted to 150 simulated patients (3 visits each), K = 20 noisy metric draws."""
+    rng = np.random.default_rng(5)
+    da = _true_da(150, seed=4)
+    draws = np.clip(da[:, None] + 4.0 * rng.standard_normal((da.size, 20)), 0.0, 180.0)
+    oc = _outcomes(da, [90.0, 180.0, 365.0], rng)
+    post = R.sample_remission(
+        draws, oc, [str(i) for i in range(da.size)], center=CENTER, scale=SCALE, draws=300, tune=300, seed=3
+    )
+    return da, post
+
+
+def test_intervals_cover_known_coefficients(link_fit):
+    _, post = link_fit
+    truth = {**TRUTH, "theta0_doris": TRUTH["theta0_lldas"] - TRUTH["delta"]}
+    for name in ("theta0_lldas", "theta0_doris", "theta1", "delta"):
+        lo, hi = np.quantile(post[name].values, [0.05, 0.95])
+        assert lo <= truth[name] <= hi, (name, lo, hi, truth[name])
+    assert float(post["theta1"].quantile(0.05)) > 0  # the effect is detected
+
+
+def test_probability_rises_with_da_and_doris_below_lldas(link_fit):
+    _, post = link_fit
+    grid = np.linspace(10.0, 150.0, 15)
+    p = R.link_probabilities(post, grid[None, :], 180.0)
+    med = {ep: np.median(v, axis=0) for ep, v in p.items()}
+    assert np.all(np.diff(med["DORIS"]) > 0) and np.all(np.diff(med["LLDAS"]) > 0)
+    for d in (28.0, 180.0, 300.0, 365.0):
+        q = R.link_probabilities(post, grid[None, :], d, u=np.linspace(-3, 3, 15)[None, :])
+        assert np.all(q["DORIS"] <= q["LLDAS"])
+
+
+def test_calibration_on_large_cohort(link_fit):
+    """Reliability table: 3000 new patients, 5 bins of predicted P at day 180; each bin's observed
+    frequency lies within the bin's posterior 90% band (fit from 150 patients) widened by 2 binomial SE,
+    and within 0.1 of the mean prediction."""
+    da, post = link_fit
+    rng = np.random.default_rng(11)
+    new_da = rng.choice(da, 3000)
+    oc = _outcomes(new_da, [180.0], rng)
+    sig = R._flat(post, "sigma_u")[:, None]
+    u = sig * rng.standard_normal((sig.size, new_da.size))
+    probs = R.link_probabilities(post, new_da[None, :], 180.0, u=u)
+    for ep in R.ENDPOINTS:
+        p = probs[ep].mean(axis=0)
+        bins = np.quantile(p, np.linspace(0, 1, 6))
+        idx = np.clip(np.searchsorted(bins, p, side="right") - 1, 0, 4)
+        obs = oc[ep].to_numpy()
+        for b in range(5):
+            sel = idx == b
+            per_draw = probs[ep][:, sel].mean(axis=1)
+            lo, hi = np.quantile(per_draw, [0.05, 0.95])
+            o = obs[sel].mean()
+            se = np.sqrt(o * (1 - o) / sel.sum())
+            assert lo - 2 * se <= o <= hi + 2 * se, (ep, b, lo, hi, o)
+            assert abs(p[sel].mean() - o) < 0.1, (ep, b, p[sel].mean(), o)
+
+
+def test_category_bounds_handle_partial_visits():
+    lo, hi = R._category_bounds(np.array([1, 0, np.nan, 0, np.nan]), np.array([1, 1, 0, np.nan, 1]))
+    assert lo.tolist() == [2, 1, 0, 0, 1]
+    assert hi.tolist() == [2, 1, 0, 1, 2]
+
+
+def test_published_counts_file_reads():
+    counts = R.load_published(Path(__file__).parents[1] / "models" / "published_counts.toml")
+    got = {(c.endpoint, c.day): (c.responders, c.n) for c in counts}
+    assert got[("DORIS", 180.0)] == (4, 8) and got[("LLDAS", 180.0)] == (6, 8)
+    assert got[("DORIS", 365.0)] == (6, 9)
+    assert all(abs(sum(c.mix.values()) - 1) < 1e-12 for c in counts)
+
+
+def test_regimen_doses():
+    assert Regimen(2.0, 3.0, 3).doses() == [(0.0, 2.0), (3.0, 2.0), (6.0, 2.0)]
+    assert Regimen(2.0, 3.0, 3).as_dict()["n_infusions"] == 3
+
+
+def test_predict_remission_on_small_fit(small_fit):
+    ds = R.predict_remission(small_fit, Regimen(2.0, 3.0, 3), visits=(180, 365), seed=0)
+    assert ds["p_subject"].dims == ("subject", "endpoint", "day", "quantile")
+    assert ds.sizes["subject"] == len(small_fit.cohort.subjects)
+    assert ds["p_population"].dims == ("endpoint", "day", "quantile")
+    for name in ("p_subject", "p_population", "p_individual"):
+        q = ds[name].transpose(..., "quantile").values
+        assert np.all(np.diff(q, axis=-1) >= 0) and np.all((q >= 0) & (q <= 1))
+    assert np.all(ds["p_mean"].sel(endpoint="DORIS") <= ds["p_mean"].sel(endpoint="LLDAS"))
+    stored = Path(small_fit.path) / "remission.nc"
+    assert stored.exists()
+    before = stored.stat().st_mtime_ns
+    R.predict_remission(small_fit, Regimen(1.0, 7.0, 3), visits=(180,), seed=0)
+    assert stored.stat().st_mtime_ns == before  # reused, not refitted
+
+
+def test_cli_predict_writes_csv(small_fit, tmp_path):
+    from carnk_pkpd.cli import app
+
+    res = CliRunner().invoke(
+        app, ["predict", str(small_fit.path), "--dose", "2.0", "--interval", "3", "--infusions", "3",
+              "--visits", "180,365", "--out", str(tmp_path)],
+    )  # fmt: skip
+    assert res.exit_code == 0, res.output
+    assert "SYNTHETIC" in res.output
+    df = pd.read_csv(tmp_path / "remission.csv")
+    assert list(df.columns[:8]) == [
+        "endpoint",
+        "day",
+        "median",
+        "q05",
+        "q95",
+        "dose",
+        "interval",
+        "n_infusions",
+    ]
+    assert len(df) == 4 and set(df["endpoint"]) == {"DORIS", "LLDAS"}
+    assert np.all(df["q05"] <= df["median"]) and np.all(df["median"] <= df["q95"])
+
+
+def test_cli_predict_bad_fit_folder(tmp_path):
+    from carnk_pkpd.cli import app
+
+    runner = CliRunner()
+    res = runner.invoke(app, ["predict", str(tmp_path / "missing"), "--dose", "2"])
+    assert res.exit_code == 2 and "not a fit folder" in res.output
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    (bad / "manifest.json").write_text(json.dumps({"format_version": 999}))
+    res = runner.invoke(app, ["predict", str(bad), "--dose", "2", "--out", str(tmp_path)])
+    assert res.exit_code == 1 and "format_version" in res.output
+    res = runner.invoke(app, ["predict", str(bad), "--visits", "abc"])
+    assert res.exit_code == 2 and "--visits" in res.output
