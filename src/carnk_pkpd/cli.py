@@ -176,6 +176,96 @@ def simulate_cmd(
 
 # --- fit (inference) ---------------------------------------------------------------------------------
 
+
+def run_fit(
+    data: str,
+    model: str,
+    out: str,
+    draws: int,
+    tune: int,
+    chains: int,
+    seed: int,
+    overwrite: bool,
+    console,
+):
+    """Fit, show diagnostics and the summary, save atomically; returns the Fit (shared with demo)."""
+    from pathlib import Path
+
+    from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
+
+    from carnk_pkpd.diagnostics import render_diagnostics
+    from carnk_pkpd.fits import save_fit
+    from carnk_pkpd.inference import fit as fit_model
+
+    dest = Path(out)
+    if dest.exists() and not overwrite:
+        raise FileExistsError(f"{dest} exists; pass --overwrite to replace it")
+    with Progress(SpinnerColumn(), TextColumn("{task.description}"), TimeElapsedColumn(), console=console) as bar:
+        task = bar.add_task("reading data", total=None)
+        result = fit_model(
+            data, model, draws=draws, tune=tune, chains=chains, seed=seed, progress=False,
+            on_stage=lambda s: bar.update(task, description=s),
+        )
+    t = result.manifest["timings"]
+    console.print(
+        f"compile {t['compile_seconds']:.1f} s, sampling {t['sampling_seconds']:.1f} s, "
+        f"min bulk ESS per second {t['min_ess_bulk_per_second']}"
+    )
+    if result.synthetic:
+        console.print("[bold red]SYNTHETIC data: every estimate below describes simulated patients.[/bold red]")
+    _print_summary(result, console)
+    render_diagnostics(result.diagnostics, console)
+    path = save_fit(result, dest, overwrite=overwrite)
+    console.print(f"saved fit to {path}/ (posterior.nc, model.toml, data.csv, summary.csv, manifest.json)")
+    return result
+
+
+def _print_summary(result, console) -> None:
+    from rich.table import Table
+
+    df = result.summary()
+    table = Table(title="Population parameters (posterior)")
+    for col in ("name", "unit", "mean", "q05", "q50", "q95", "ess_bulk", "r_hat"):
+        table.add_column(col, justify="left" if col in ("name", "unit") else "right")
+    for _, r in df.iterrows():
+        table.add_row(
+            r["name"], r["unit"], f"{r['mean']:.4g}", f"{r['q05']:.4g}", f"{r['q50']:.4g}", f"{r['q95']:.4g}",
+            f"{r['ess_bulk']:.0f}", f"{r['r_hat']:.3f}",
+        )
+    console.print(table)
+
+
+@app.command("fit")
+def fit_cmd(
+    data: str = typer.Argument(..., help="Cohort CSV (NONMEM-style, see 'carnk-pkpd validate')."),
+    model: str = typer.Option("reference", "--model", help="Model name (models/<name>.toml) or path."),
+    out: str = typer.Option(..., "--out", help="Fit folder to write, e.g. fits/run1 (written atomically)."),
+    draws: int = typer.Option(1000, "--draws", min=1, help="Posterior draws per chain."),
+    tune: int = typer.Option(1000, "--tune", min=0, help="Warm-up iterations per chain."),
+    chains: int = typer.Option(4, "--chains", min=1, help="Number of chains."),
+    seed: int = typer.Option(1, "--seed", help="Sampler seed (same seed, same draws on the same machine)."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing fit folder of that name."),
+    strict: bool = typer.Option(False, "--strict", help="Exit 1 when the fit fails its diagnostics."),
+) -> None:
+    """Fit the hierarchical model to a cohort with NUTS (nutpie) and save the fit folder."""
+    from rich.console import Console
+
+    from carnk_pkpd.errors import DataError, ModelFileError
+
+    console = Console()
+    try:
+        result = run_fit(data, model, out, draws, tune, chains, seed, overwrite, console)
+    except DataError as e:
+        typer.echo(str(e), err=True)
+        raise typer.Exit(1) from None
+    except (ModelFileError, FileExistsError, ValueError) as e:
+        typer.echo(f"Error: {e}", err=True)
+        raise typer.Exit(1) from None
+    if strict and not result.diagnostics.ok:
+        typer.echo("Error: the fit fails its diagnostics (--strict)", err=True)
+        raise typer.Exit(1)
+
+
 # --- predict (remission) -----------------------------------------------------------------------------
 
 
@@ -467,7 +557,6 @@ def report_cmd(
         typer.echo("SYNTHETIC data: the report describes simulated patients.")
     typer.echo(f"wrote {path}")
 
-
 # --- demo --------------------------------------------------------------------------------------------
 
 
@@ -489,10 +578,27 @@ def _demo_reference_cohort(console: Any, state: dict[str, Any]) -> None:
     state["cohort"] = cohort
 
 
+def _demo_fit(console: Any, state: dict[str, Any]) -> None:
+    """Step: a short fit of the reference cohort, saved to fits/demo (2 chains x 300 + 300 by default)."""
+    from carnk_pkpd.data import embedded_cohort_path
+
+    settings = state.get("fit_settings", dict(draws=300, tune=300, chains=2, seed=1))
+    console.print(
+        f"Fitting the SYNTHETIC reference cohort: {settings['chains']} chains x ({settings['tune']} tune + "
+        f"{settings['draws']} draws). A full fit is 'carnk-pkpd fit' with 4 x (1000 + 1000)."
+    )
+    state["fit"] = run_fit(
+        str(embedded_cohort_path("reference")), "reference", "fits/demo", settings["draws"], settings["tune"],
+        settings["chains"], settings["seed"], True, console,
+    )
+    state["fit_path"] = "fits/demo"
+
+
 #: The demo's steps, in order: (title, function(console, state)). Each step reads what earlier steps
 #: left in ``state`` (e.g. ``state["cohort"]``) and adds its own results; append steps here.
 DEMO_STEPS: list[tuple[str, Callable[[Any, dict[str, Any]], None]]] = [
     ("SYNTHETIC reference cohort", _demo_reference_cohort),
+    ("Hierarchical fit (short)", _demo_fit),
 ]
 
 
@@ -513,3 +619,7 @@ def demo_cmd() -> None:
 def main() -> None:
     """Console-script entry point."""
     app()
+
+
+if __name__ == "__main__":  # python -m carnk_pkpd.cli
+    main()
