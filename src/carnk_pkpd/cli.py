@@ -599,7 +599,24 @@ def _demo_fit(console: Any, state: dict[str, Any]) -> None:
 DEMO_STEPS: list[tuple[str, Callable[[Any, dict[str, Any]], None]]] = [
     ("SYNTHETIC reference cohort", _demo_reference_cohort),
     ("Hierarchical fit (short)", _demo_fit),
+    ("Remission probability by dose level", lambda c, st: _demo_command(["predict", st["fit_path"], "--out", st["fit_path"]])),
+    ("Dose selection: top of the ranking", lambda c, st: _demo_command(
+        ["doses", st["fit_path"], "--out", f"{st['fit_path']}/doses", "--draws", "100", "--patients", "20",
+         "--workers", "0", "--top", "6"])),
+    ("Report", lambda c, st: _demo_command(["report", st["fit_path"]])),
 ]
+
+
+def _demo_command(args: list[str]) -> None:
+    """Run one carnk-pkpd command in-process (the demo shows exactly what a user would type)."""
+    import typer.main
+
+    typer.echo("$ carnk-pkpd " + " ".join(args))
+    try:
+        typer.main.get_command(app).main(args=args, prog_name="carnk-pkpd", standalone_mode=False)
+    except typer.Exit as e:
+        if e.exit_code:
+            raise
 
 
 @app.command("demo")
