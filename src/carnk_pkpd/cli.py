@@ -579,10 +579,10 @@ def _demo_reference_cohort(console: Any, state: dict[str, Any]) -> None:
 
 
 def _demo_fit(console: Any, state: dict[str, Any]) -> None:
-    """Step: a short fit of the reference cohort, saved to fits/demo (2 chains x 300 + 300 by default)."""
+    """Step: a short fit of the reference cohort, saved to fits/demo (2 chains x 200 + 200 by default)."""
     from carnk_pkpd.data import embedded_cohort_path
 
-    settings = state.get("fit_settings", dict(draws=300, tune=300, chains=2, seed=1))
+    settings = state.get("fit_settings", dict(draws=200, tune=200, chains=2, seed=1))
     console.print(
         f"Fitting the SYNTHETIC reference cohort: {settings['chains']} chains x ({settings['tune']} tune + "
         f"{settings['draws']} draws). A full fit is 'carnk-pkpd fit' with 4 x (1000 + 1000)."

@@ -61,6 +61,7 @@ def fit(
     cores: int | None = None,
     progress: bool = True,
     accuracy: str = "default",
+    adaptation: str = "low_rank",
     on_stage: Callable[[str], None] | None = None,
 ) -> Fit:
     """Fit the hierarchical model of ``model`` to ``cohort`` with nutpie's NUTS.
@@ -75,6 +76,10 @@ def fit(
         Posterior draws and warm-up iterations per chain, number of chains.
     seed
         Seed of the sampler; the same seed gives the same draws on the same machine.
+    adaptation
+        nutpie's mass-matrix adaptation: ``"low_rank"`` (default: on the reference cohort it needs
+        ~19 leapfrog steps per draw against ~58 for ``"diag"``, because typical values, BSV SDs and
+        the individual deviations are correlated) or ``"diag"``.
     """
     import nutpie
 
@@ -109,6 +114,7 @@ def fit(
         cores=cores or min(chains, os.cpu_count() or 1),
         progress_bar=progress,
         save_warmup=False,
+        adaptation=adaptation,
     )
     t_sample = time.perf_counter() - t1
     groups = {name: trace[name].to_dataset() for name in ("posterior", "sample_stats") if name in trace}
