@@ -1,4 +1,5 @@
-"""Checks of the independent reference solver (tests/reference_ode.py) against science.md §4."""
+"""Checks of the independent reference solver (tests/reference_ode.py) against science.md §4 and, for the
+Stein structure, against the effector/persisting-cell ODEs of Stein et al. 2019."""
 
 from __future__ import annotations
 
@@ -6,8 +7,10 @@ import numpy as np
 import pytest
 from reference_ode import (
     BSV_SD,
+    N_TRANSIT_LADDER,
     SAMPLING_DAYS,
     TYPICAL,
+    TYPICAL_STEIN,
     car_closed_form,
     draw_parameter_sets,
     jacobian,
@@ -15,8 +18,9 @@ from reference_ode import (
     rhs,
     sample_times,
 )
+from scipy.integrate import solve_ivp
 
-REFERENCE_TYPICAL = {k: v for k, v in TYPICAL.items() if k != "K_B"}
+REFERENCE_TYPICAL = TYPICAL
 DL4 = [(0.0, 3.0), (3.0, 3.0), (6.0, 3.0)]
 
 # Typical values + DL4, the two harshest corners, and one random draw at twice the table's BSV.
@@ -87,41 +91,77 @@ def test_b_cells_return_in_two_to_three_months_after_dl4() -> None:
     assert bcell[nadir] < 1.0  # aplasia
 
 
-@pytest.mark.parametrize("structure", ["reference", "antigen_driven"])
+@pytest.mark.parametrize("structure", ["reference", "stein"])
 @pytest.mark.parametrize("below", [True, False])
 def test_jacobian_matches_finite_differences(structure: str, below: bool) -> None:
-    params = {**TYPICAL, "n_transit": 5}
+    params = {**(TYPICAL_STEIN if structure == "stein" else TYPICAL), "n_transit": 5}
     rng = np.random.default_rng(3)
-    for t in (-4.0, 1.5, 60.0):
+    for t in (-4.0, 1.5, 4.0, 60.0):
         y = rng.uniform(0.1, 80.0, 7)
-        jac = jacobian(t, y, params, structure, below)
+        jac = jacobian(t, y, params, structure, below, DL4)
         numeric = np.empty_like(jac)
         for j in range(y.size):
             h = 1e-6 * max(1.0, abs(y[j]))
             step = np.zeros_like(y)
             step[j] = h
             numeric[:, j] = (
-                rhs(t, y + step, params, structure, below) - rhs(t, y - step, params, structure, below)
+                rhs(t, y + step, params, structure, below, DL4)
+                - rhs(t, y - step, params, structure, below, DL4)
             ) / (2 * h)
         np.testing.assert_allclose(jac, numeric, rtol=1e-6, atol=1e-7)
 
 
-def test_antigen_driven_equals_reference_when_b_cells_stay_at_baseline() -> None:
-    # No killing and no lymphodepletion keep B = B0, where the antigen-driven expansion is normalised
-    # to equal the reference expansion.
-    params = {**TYPICAL, "k_kmax": 0.0, "k_LD0": 0.0}
-    times = np.linspace(0.0, 120.0, 61)
-    car, bcell = reference_solution(params, DL4, times, structure="antigen_driven", rtol=1e-9)
-    np.testing.assert_allclose(bcell, params["B0"], rtol=1e-9)
-    np.testing.assert_allclose(car, car_closed_form(params, DL4, times), rtol=1e-7)
+def _stein_by_effector_and_persisting_odes(params: dict, doses: list, times: np.ndarray) -> np.ndarray:
+    """Stein et al. 2019 per infusion: E' = ρE until T_exp, then E' = −αE, M' = F_mem(α − β)E − βM."""
+    rho, t_exp, alpha, beta, f_mem = (params[k] for k in ("rho", "T_exp", "alpha", "beta", "F_mem"))
+    total = np.zeros_like(times)
+    for t_j, amount in doses:
+        n0 = params["f_bl"] * amount * 1e9 / params["V_bl"]
+        u = times - t_j
+        up = (u >= 0) & (u <= t_exp)
+        grow = solve_ivp(lambda _u, e: rho * e, (0.0, t_exp), [n0], t_eval=u[up], rtol=1e-12, atol=1e-30)
+        total[up] += grow.y[0]
+        peak = solve_ivp(lambda _u, e: rho * e, (0.0, t_exp), [n0], rtol=1e-12, atol=1e-30).y[0, -1]
+        down = u > t_exp
+
+        def contract(_s: float, y: np.ndarray) -> list[float]:
+            return [-alpha * y[0], f_mem * (alpha - beta) * y[0] - beta * y[1]]
+
+        after = solve_ivp(
+            contract, (0.0, u.max() - t_exp), [peak, 0.0], t_eval=u[down] - t_exp, rtol=1e-12, atol=1e-30
+        )
+        total[down] += after.y.sum(axis=0)
+    return total
 
 
-def test_antigen_driven_expands_less_when_b_cells_are_depleted() -> None:
-    times = np.arange(0.0, 28.25, 0.25)
-    car_ref, _ = reference_solution(TYPICAL, DL4, times, rtol=1e-8)
-    car_ag, bcell = reference_solution(TYPICAL, DL4, times, structure="antigen_driven", rtol=1e-8)
-    assert bcell[-1] < TYPICAL["B0"]
-    assert car_ag.max() < car_ref.max()
+def test_stein_closed_form_solves_the_effector_and_persisting_cell_odes() -> None:
+    params = {**TYPICAL_STEIN, "F_mem": 0.2, "beta": 0.03}  # a visible persisting tail
+    doses = [(0.0, 3.0), (3.0, 3.0), (6.0, 3.0)]
+    times = np.linspace(0.0, 200.0, 401)
+    expected = _stein_by_effector_and_persisting_odes(params, doses, times)
+    np.testing.assert_allclose(car_closed_form(params, doses, times, structure="stein"), expected, rtol=1e-8)
+    # the Radau reference carries that closed form through unchanged
+    car, _ = reference_solution(params, doses, times, structure="stein", rtol=1e-8)
+    np.testing.assert_allclose(car, expected, rtol=1e-8)
+
+
+def test_stein_and_reference_b_lineages_agree_without_car_nk_killing() -> None:
+    # with k_kmax = 0 only lymphodepletion acts on B: the CAR-NK structure must not matter
+    times = np.arange(-5.0, 200.0, 2.5)
+    _, b_ref = reference_solution({**TYPICAL, "k_kmax": 0.0}, DL4, times, rtol=1e-9)
+    _, b_stein = reference_solution(
+        {**TYPICAL_STEIN, "k_kmax": 0.0}, DL4, times, structure="stein", rtol=1e-9
+    )
+    np.testing.assert_allclose(b_stein, b_ref, rtol=1e-7)
+
+
+def test_stein_typical_dl4_returns_b_cells_in_two_to_three_months() -> None:
+    times = np.arange(-5.0, 200.0, 0.25)
+    car, bcell = reference_solution(TYPICAL_STEIN, DL4, times, structure="stein", rtol=1e-8)
+    back = np.flatnonzero((times > times[np.argmin(bcell)]) & (bcell >= 10.0))
+    assert 60.0 <= times[back[0]] <= 90.0
+    assert bcell.min() < 1.0  # aplasia
+    assert 30.0 < car.max() < 60.0  # like the reference model's ~44 cells/µL at DL4
 
 
 def test_draw_parameter_sets_cover_the_stress_ranges() -> None:
@@ -136,6 +176,7 @@ def test_draw_parameter_sets_cover_the_stress_ranges() -> None:
     assert col["F_max"].max() == 5.0
     assert col["MTT"].min() == 20.0 and col["MTT"].max() == 120.0
     assert col["n_transit"].min() == 2 and col["n_transit"].max() == 24
+    assert set(col["n_transit"]) <= set(N_TRANSIT_LADDER)
     n_doses = [len(d) for _, d in sets]
     assert min(n_doses) == 1 and max(n_doses) == 6
     for _, doses in sets:
@@ -151,6 +192,14 @@ def test_draw_parameter_sets_cover_the_stress_ranges() -> None:
     log_f = np.log([p["f_bl"] for p, _ in sets[5:]] / np.float64(TYPICAL["f_bl"]))
     assert 0.7 < log_f.std() < 1.3
     assert BSV_SD["f_bl"] == 0.5
+
+
+def test_stein_draws_cover_short_and_long_expansion() -> None:
+    sets = draw_parameter_sets(40, seed=5, structure="stein")
+    col = {name: np.array([p[name] for p, _ in sets]) for name in ("T_exp", "F_mem", "beta", "k_kmax")}
+    assert col["T_exp"].min() == 0.25 and col["T_exp"].max() == 10.0
+    assert col["F_mem"].max() == 0.5 and col["beta"].min() == 0.01 and col["k_kmax"].max() == 20.0
+    assert all(set(p) == set(TYPICAL_STEIN) for p, _ in sets)
 
 
 def test_sample_times_cover_infusions_and_schedule() -> None:

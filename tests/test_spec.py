@@ -9,7 +9,7 @@ import tomllib
 from pathlib import Path
 
 import pytest
-from reference_ode import TYPICAL
+from reference_ode import TYPICAL, TYPICAL_STEIN
 
 from carnk_pkpd.errors import ModelFileError
 from carnk_pkpd.spec import (
@@ -66,13 +66,24 @@ def write_variant(tmp_path: Path, raw: dict, name: str = "x.toml") -> Path:
 
 
 def test_shipped_models_load() -> None:
-    assert {"reference", "antigen_driven"} <= set(available_models())
-    ref, ag = load_model("reference"), load_model("antigen_driven")
-    assert (ref.structure, ag.structure) == ("reference", "antigen_driven")
+    # every shipped file has a structure the JAX solver supports (antigen_driven, which couples N to B,
+    # is not shipped)
+    assert set(available_models()) >= {"reference", "stein"}
+    assert "antigen_driven" not in available_models()
+    ref, stein = load_model("reference"), load_model("stein")
+    assert (ref.structure, stein.structure) == ("reference", "stein")
     assert ref.source_file == MODELS / "reference.toml"
     assert ref.text == (MODELS / "reference.toml").read_text(encoding="utf-8")
     assert load_model(MODELS / "reference.toml") == ref
-    assert set(ag.parameters) == set(ref.parameters) | {"K_B"}
+    car_nk = {"f_bl", "rho", "k_h", "alpha", "k_rej", "k_rec"}
+    assert set(stein.parameters) == (set(ref.parameters) - car_nk) | {
+        "f_bl",
+        "rho",
+        "T_exp",
+        "alpha",
+        "beta",
+        "F_mem",
+    }
 
 
 def test_typical_values_and_bases_match_science_table(reference: ModelSpec) -> None:
@@ -87,7 +98,7 @@ def test_typical_values_and_bases_match_science_table(reference: ModelSpec) -> N
     assert isinstance(reference.typical()["n_transit"], int)
     assert reference.parameters["k_B"].source.count("Hosseini") == 1
     # the independent reference solver uses the same table
-    assert {k: v for k, v in TYPICAL.items() if k != "K_B"} == reference.typical()
+    assert TYPICAL == reference.typical()
 
 
 def test_bsv_priors_and_fixed_parameters_follow_science(reference: ModelSpec) -> None:
@@ -159,16 +170,40 @@ def test_observations_dose_levels_remission_schedule(reference: ModelSpec) -> No
     assert reference.covariates == []
 
 
-def test_antigen_driven_adds_k_b_and_states_its_equation(reference: ModelSpec) -> None:
-    ag = load_model("antigen_driven")
-    k_b = ag.parameters["K_B"]
-    assert (k_b.typical, k_b.unit, k_b.basis) == (10.0, "cells/µL", "assumed")
-    assert {k: v for k, v in ag.typical().items() if k != "K_B"} == reference.typical()
-    assert "(B0 + K_B)/B0" in ag.description and "B/(B + K_B)" in ag.description
+def test_stein_model_shares_the_b_lineage_and_labels_its_kinetics_assumed(reference: ModelSpec) -> None:
+    stein = load_model("stein")
+    # the independent reference solver uses the same typical values
+    assert stein.typical() == TYPICAL_STEIN
+    for name in (
+        "B0",
+        "k_B",
+        "MTT",
+        "n_transit",
+        "F_max",
+        "k_kmax",
+        "EC50",
+        "f_BM",
+        "k_LD0",
+        "k_LDd",
+        "V_bl",
+    ):
+        assert stein.parameters[name] == reference.parameters[name], name
+    units = {"rho": "/d", "T_exp": "d", "alpha": "/d", "beta": "/d", "F_mem": "1"}
+    for name, unit in units.items():
+        param = stein.parameters[name]
+        assert (param.unit, param.basis) == (unit, "assumed"), name
+        assert "Stein et al. 2019" in param.source, name  # the CAR-T figure it departs from
+        assert param.prior["mu"] == pytest.approx(math.log(param.typical), abs=1e-6), name
+    assert 0.0 < stein.typical()["F_mem"] < 1.0
+    assert stein.estimated_bsv() == ["f_bl", "alpha", "B0", "MTT"]
+    assert "Stein et al. 2019" in stein.raw["model"]["source"]
+    assert "(1 - F_mem)·exp(-alpha s) + F_mem·exp(-beta s)" in stein.description
+    assert stein.dose_levels == reference.dose_levels
+    assert stein.observations == reference.observations
 
 
 def test_dump_toml_round_trips_the_shipped_files() -> None:
-    for name in ("reference", "antigen_driven"):
+    for name in ("reference", "stein"):
         spec = load_model(name)
         assert tomllib.loads(dump_toml(spec)) == spec.raw
 
@@ -212,14 +247,18 @@ def _outside_bounds(raw: dict) -> None:
     raw["parameters"]["MTT"]["typical"] = 500.0
 
 
-def _k_b_in_reference(raw: dict) -> None:
-    raw["parameters"]["K_B"] = {
-        "unit": "cells/µL",
-        "typical": 10.0,
-        "bounds": [0.1, 1000.0],
+def _stein_parameter_in_reference(raw: dict) -> None:
+    raw["parameters"]["T_exp"] = {
+        "unit": "d",
+        "typical": 2.0,
+        "bounds": [0.1, 30.0],
         "fixed": True,
         "basis": "assumed",
     }
+
+
+def _retired_structure(raw: dict) -> None:
+    raw["model"]["structure"] = "antigen_driven"
 
 
 def _unknown_table(raw: dict) -> None:
@@ -240,7 +279,12 @@ WRONG_FILES = {
     "missing parameter": (_missing_parameter, "parameters.k_B", "missing required parameter"),
     "unknown prior dist": (_unknown_dist, "parameters.alpha.prior.dist", "unknown prior dist"),
     "typical outside bounds": (_outside_bounds, "parameters.MTT.typical", "outside bounds"),
-    "K_B in the reference structure": (_k_b_in_reference, "parameters.K_B", "antigen_driven"),
+    "stein parameter in the reference structure": (
+        _stein_parameter_in_reference,
+        "parameters.T_exp",
+        "it belongs to stein",
+    ),
+    "retired structure": (_retired_structure, "model.structure", "unknown structure"),
     "unknown table": (_unknown_table, "paramters", "did you mean 'parameters'"),
 }
 

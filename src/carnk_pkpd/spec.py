@@ -57,7 +57,7 @@ __all__ = [
 # What a model file may contain
 # --------------------------------------------------------------------------------------------------
 
-STRUCTURES: tuple[str, ...] = ("reference", "antigen_driven")
+STRUCTURES: tuple[str, ...] = ("reference", "stein")
 BASES: tuple[str, ...] = ("assumed", "published", "tuned")
 
 
@@ -86,16 +86,12 @@ PARAMETER_INFO: dict[str, _ParamInfo] = {
     "k_LD0": _ParamInfo("/d", "rate", "lymphodepletion kill rate during days -5..-3"),
     "k_LDd": _ParamInfo("/d", "rate", "decay rate of the lymphodepletion kill after day -3"),
     "V_bl": _ParamInfo("µL", "positive", "blood volume"),
-    "K_B": _ParamInfo("cells/µL", "positive", "B-cell count giving half-maximal antigen-driven expansion"),
+    "T_exp": _ParamInfo("d", "positive", "days of expansion after each infusion"),
+    "beta": _ParamInfo("/d", "rate", "loss rate of persisting CAR-NK cells"),
+    "F_mem": _ParamInfo("1", "fraction", "fraction of cells that persist"),
 }
 
-_REFERENCE_PARAMETERS = (
-    "f_bl",
-    "rho",
-    "k_h",
-    "alpha",
-    "k_rej",
-    "k_rec",
+_B_LINEAGE_PARAMETERS = (
     "B0",
     "k_B",
     "MTT",
@@ -109,8 +105,10 @@ _REFERENCE_PARAMETERS = (
     "V_bl",
 )
 STRUCTURE_PARAMETERS: dict[str, tuple[str, ...]] = {
-    "reference": _REFERENCE_PARAMETERS,
-    "antigen_driven": (*_REFERENCE_PARAMETERS, "K_B"),
+    # science.md §4: surge-driven expansion, intrinsic loss and allogeneic rejection
+    "reference": ("f_bl", "rho", "k_h", "alpha", "k_rej", "k_rec", *_B_LINEAGE_PARAMETERS),
+    # Stein et al. 2019: expansion for T_exp days after each infusion, then effectors and persisting cells
+    "stein": ("f_bl", "rho", "T_exp", "alpha", "beta", "F_mem", *_B_LINEAGE_PARAMETERS),
 }
 
 # DVID -> (name, unit, residual error model, residual components)

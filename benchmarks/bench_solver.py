@@ -1,0 +1,295 @@
+"""Benchmark of the JAX B-lineage solver (carnk_pkpd.structural.solve) on ONE core.
+
+Run:  .venv/bin/python benchmarks/bench_solver.py [--subjects 10000 --chunk 64 --core 0]
+
+Prints, then summarises in a table with targets:
+
+(a) subject-trajectories per second, days −5 to 365 at default accuracy, 10,000 subjects drawn from
+    models/reference.toml (typical values and BSV) with DL4 (3×10⁹ cells on days 0, 3, 6), outputs at
+    the trial's sampling days (science.md §4; also daily outputs, for information); target ≥ 10,000/s;
+(b) the same trajectories with scipy's Radau (tests/reference_ode.py at rtol 1e-6) on 20 of them, and
+    the speed ratio;
+(c) value and full reverse-mode gradient (all parameters of all subjects) of a log-likelihood of a
+    20-subject cohort with ~600 observations, jax.jit(jax.value_and_grad); median of 50 runs, compile
+    time apart; target ≤ 5 ms;
+(d) the largest error against the Radau reference (rtol 1e-10) on 10 stress sets, as a fraction of
+    the accuracy contract (default 1e-3·|B| + 1e-3, tight 1e-6·|B| + 1e-8 cells/µL), and the
+    integration nodes per trajectory.
+
+One core: XLA's intra-op threads are switched off before JAX is imported and the process is pinned to
+one CPU (sched_setaffinity, what ``taskset -c`` does). CPU time of this process is what is timed, so
+other load on the machine slows the figures less than wall time would (shared caches still do).
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+os.environ["XLA_FLAGS"] = (
+    os.environ.get("XLA_FLAGS", "") + " --xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads=1"
+)
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+
+import argparse  # noqa: E402
+import time  # noqa: E402
+from collections import defaultdict  # noqa: E402
+from functools import partial  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "tests"))  # the independent reference solver
+
+
+def pin_to_one_core(core: int | None) -> str:
+    if not hasattr(os, "sched_setaffinity"):
+        return "not pinned (no sched_setaffinity); XLA single-threaded"
+    allowed = sorted(os.sched_getaffinity(0))
+    cpu = allowed[-1] if core is None or core not in allowed else core
+    os.sched_setaffinity(0, {cpu})
+    return f"pinned to CPU {cpu} of {allowed}; XLA single-threaded"
+
+
+def cpu_seconds(fn, repeat: int) -> list[float]:
+    """CPU seconds of this process per call of ``fn`` (which blocks until its result is ready)."""
+    out = []
+    for _ in range(repeat):
+        c0 = time.process_time()
+        fn()
+        out.append(time.process_time() - c0)
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--subjects", type=int, default=10_000)
+    ap.add_argument("--chunk", type=int, default=64, help="subjects per solver call (cache-sized batches)")
+    ap.add_argument("--core", type=int, default=None, help="CPU to pin to (default: the last allowed)")
+    ap.add_argument("--seed", type=int, default=1)
+    args = ap.parse_args()
+    pinned = pin_to_one_core(args.core)
+
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+    from reference_ode import draw_parameter_sets, reference_solution, sample_times
+
+    from carnk_pkpd.spec import load_model
+    from carnk_pkpd.structural.solve import Grid, make_grid, solve
+
+    print(f"carnk_pkpd solver benchmark — jax {jax.__version__}, {pinned}")
+    spec = load_model("reference")
+    rng = np.random.default_rng(args.seed)
+    n_transit = int(spec.typical()["n_transit"])
+    names = [k for k in spec.typical() if k != "n_transit"]
+    bsv = spec.bsv_sd()
+
+    def draw_subjects(n: int) -> dict[str, np.ndarray]:
+        return {k: spec.typical()[k] * np.exp(bsv.get(k, 0.0) * rng.standard_normal(n)) for k in names}
+
+    @partial(jax.jit, static_argnames=("sweeps",))
+    def trajectories(theta, nodes, out_index, times, mask, dose_times, dose_amounts, sweeps):
+        grid = Grid(nodes, out_index, times, mask, dose_times, dose_amounts, sweeps)
+        return solve(theta, grid, n_transit=n_transit)
+
+    def grid_args(grid: Grid, rows: slice) -> tuple:
+        fields = (grid.nodes, grid.out_index, grid.times, grid.mask, grid.dose_times, grid.dose_amounts)
+        return tuple(jnp.asarray(f[rows]) for f in fields)
+
+    dl4 = spec.dose_levels["DL4"].doses()
+    schedule = np.unique(np.r_[spec.simulation["car_days"], spec.simulation["bcell_days"], -5.0, 365.0])
+    schedule = schedule[(schedule >= -5.0) & (schedule <= 365.0)]
+    daily = np.arange(-5.0, 365.5, 1.0)
+    rows: list[tuple[str, str, str, str]] = []
+
+    # ---------------------------------------------------------------- (a) throughput, one core
+    theta_all = draw_subjects(args.subjects)
+    k_tr_fastest = n_transit / theta_all["MTT"].min()
+    print(f"\n(a) {args.subjects} subjects, DL4, days -5..365, default accuracy, chunks of {args.chunk}")
+    rates = {}
+    for label, times in (("sampling days", schedule), ("daily outputs", daily)):
+        c0 = time.process_time()
+        grid = make_grid([dl4], [times], "default", k_tr=k_tr_fastest)  # one grid serves every subject
+        grid_s = time.process_time() - c0
+        nodes = int(np.sum(np.diff(grid.nodes[0]) > 0) + 1)
+        chunk_grid = Grid(
+            *(np.repeat(f, args.chunk, axis=0) for f in (grid.nodes, grid.out_index, grid.times, grid.mask)),
+            np.repeat(grid.dose_times, args.chunk, axis=0),
+            np.repeat(grid.dose_amounts, args.chunk, axis=0),
+            grid.sweeps,
+        )
+        g_args = grid_args(chunk_grid, slice(None))
+        n_chunks = args.subjects // args.chunk
+        chunks = [
+            {k: jnp.asarray(v[i * args.chunk : (i + 1) * args.chunk]) for k, v in theta_all.items()}
+            for i in range(n_chunks)
+        ]
+        c0 = time.process_time()
+        jax.block_until_ready(trajectories(chunks[0], *g_args, sweeps=grid.sweeps))
+        compile_s = time.process_time() - c0
+
+        def run_all(chunks=chunks, g_args=g_args, sweeps=grid.sweeps) -> None:
+            for th in chunks:
+                out = trajectories(th, *g_args, sweeps=sweeps)
+            jax.block_until_ready(out)
+
+        per_run = cpu_seconds(run_all, 3)
+        rate = n_chunks * args.chunk / float(np.median(per_run))
+        rates[label] = rate
+        print(
+            f"    {label:14s}: {times.size:4d} outputs, {nodes} nodes; {rate:9,.0f} trajectories/s "
+            f"(CPU {np.median(per_run):.2f} s per {n_chunks * args.chunk}; compile {compile_s:.1f} s; "
+            f"grid {grid_s * 1e3:.1f} ms)"
+        )
+    met = "yes" if rates["sampling days"] >= 10_000 else "NO"
+    rows.append(
+        ("(a) trajectories/s, 1 core, sampling days", f"{rates['sampling days']:,.0f}", ">= 10,000", met)
+    )
+    rows.append(("    same, daily outputs (371 times)", f"{rates['daily outputs']:,.0f}", "-", "-"))
+
+    # ---------------------------------------------------------------- (b) scipy Radau
+    print("\n(b) scipy solve_ivp Radau (tests/reference_ode.py, rtol 1e-6, atol 1e-8) on 20 subjects")
+    radau_s = []
+    for i in range(20):
+        params = {k: float(theta_all[k][i]) for k in names} | {"n_transit": n_transit}
+        c0 = time.process_time()
+        reference_solution(params, dl4, schedule, rtol=1e-6, atol=1e-8, atol_car=1e-12)
+        radau_s.append(time.process_time() - c0)
+    radau_rate = 1.0 / float(np.mean(radau_s))
+    ratio = rates["sampling days"] / radau_rate
+    print(
+        f"    {np.mean(radau_s) * 1e3:.0f} ms per trajectory: {radau_rate:.1f} trajectories/s; JAX is {ratio:,.0f}x faster"
+    )
+    rows.append(("(b) scipy Radau rtol 1e-6 trajectories/s", f"{radau_rate:.1f}", "-", "-"))
+    rows.append(("    ratio JAX / scipy", f"{ratio:,.0f}x", "-", "-"))
+
+    # ---------------------------------------------------------------- (c) value and gradient
+    print("\n(c) log-likelihood value + reverse-mode gradient, 20 subjects (DL1/DL2/DL3x5/DL4x13)")
+    levels = ["DL1", "DL2"] + ["DL3"] * 5 + ["DL4"] * 13
+    doses = [spec.dose_levels[lv].doses() for lv in levels]
+    car_days, b_days = np.asarray(spec.simulation["car_days"]), np.asarray(spec.simulation["bcell_days"])
+    obs_times, is_car = [], []
+    for d in doses:
+        predose = [t - spec.simulation["predose_offset"] for t, _ in d[1:]]
+        t_car = np.r_[car_days, predose]
+        t_b = b_days[b_days >= -5.0]
+        obs_times.append(np.r_[t_car, t_b])
+        is_car.append(np.r_[np.ones(t_car.size, bool), np.zeros(t_b.size, bool)])
+    n_obs = sum(t.size for t in obs_times)
+    theta20 = draw_subjects(20)
+    grid = make_grid(doses, obs_times, "default", k_tr=n_transit / theta20["MTT"])
+    width = grid.times.shape[1]
+    car_mask = np.zeros((20, width), bool)
+    for s, flags in enumerate(is_car):
+        car_mask[s, : flags.size] = flags
+    b_mask = grid.mask & ~car_mask
+    car_true, b_true = (np.asarray(x) for x in solve(theta20, grid, n_transit=n_transit))
+    dv_car = car_true * np.exp(0.35 * rng.standard_normal(car_true.shape))
+    dv_b = b_true * (1 + 0.2 * rng.standard_normal(b_true.shape)) + 0.5 * rng.standard_normal(b_true.shape)
+    lloq_car, lloq_b = 0.1, 1.0
+    cens_car, cens_b = dv_car < lloq_car, dv_b < lloq_b
+    const = {
+        "car_mask": jnp.asarray(car_mask),
+        "b_mask": jnp.asarray(b_mask),
+        "dv_car": jnp.asarray(np.maximum(dv_car, lloq_car)),
+        "dv_b": jnp.asarray(np.maximum(dv_b, lloq_b)),
+        "cens_car": jnp.asarray(cens_car),
+        "cens_b": jnp.asarray(cens_b),
+    }
+    norm = jax.scipy.stats.norm
+
+    def log_likelihood(log_theta, c):
+        car, bcell = solve({k: jnp.exp(v) for k, v in log_theta.items()}, grid, n_transit=n_transit)
+        mu = jnp.log(car + 1e-6)  # lognormal CAR-NK, sigma 0.35, M3 below LLOQ 0.1/µL
+        z_car = (jnp.log(c["dv_car"]) - mu) / 0.35
+        ll_car = jnp.where(c["cens_car"], norm.logcdf(z_car), norm.logpdf(z_car) - jnp.log(0.35))
+        sd_b = jnp.sqrt((0.2 * bcell) ** 2 + 0.5**2)  # combined B-cell error, M3 below LLOQ 1/µL
+        z_b = (c["dv_b"] - bcell) / sd_b
+        ll_b = jnp.where(c["cens_b"], norm.logcdf(z_b), norm.logpdf(z_b) - jnp.log(sd_b))
+        return jnp.sum(jnp.where(c["car_mask"], ll_car, 0.0)) + jnp.sum(jnp.where(c["b_mask"], ll_b, 0.0))
+
+    value_and_grad = jax.jit(jax.value_and_grad(log_likelihood))
+    log_theta = {k: jnp.log(jnp.asarray(v)) for k, v in theta20.items()}
+    c0, w0 = time.process_time(), time.perf_counter()
+    jax.block_until_ready(value_and_grad(log_theta, const))
+    compile_cpu, compile_wall = time.process_time() - c0, time.perf_counter() - w0
+    value, grad = value_and_grad(log_theta, const)
+    n_grad = sum(int(np.size(g)) for g in grad.values())
+    assert np.isfinite(float(value)) and all(np.all(np.isfinite(np.asarray(g))) for g in grad.values())
+    walls = []
+    for _ in range(50):
+        w0 = time.perf_counter()
+        jax.block_until_ready(value_and_grad(log_theta, const))
+        walls.append(time.perf_counter() - w0)
+    vg_ms = float(np.median(walls)) * 1e3
+    print(
+        f"    {n_obs} observations ({int(cens_car[car_mask].sum() + cens_b[b_mask].sum())} censored), "
+        f"{n_grad} gradient entries, {grid.nodes.shape[1]} nodes per subject (padded); "
+        f"median {vg_ms:.2f} ms (min {min(walls) * 1e3:.2f}, max {max(walls) * 1e3:.2f}) over 50 runs; "
+        f"compile {compile_wall:.1f} s wall ({compile_cpu:.1f} s CPU)"
+    )
+    rows.append(
+        (
+            f"(c) value+gradient, 20 subjects, {n_obs} obs",
+            f"{vg_ms:.2f} ms",
+            "<= 5 ms",
+            "yes" if vg_ms <= 5 else "NO",
+        )
+    )
+    rows.append(("    its compile time", f"{compile_wall:.1f} s", "-", "-"))
+
+    # ---------------------------------------------------------------- (d) accuracy and nodes
+    print("\n(d) error against the Radau reference (rtol 1e-10) on 10 stress sets")
+    sets = draw_parameter_sets(10, seed=args.seed)
+    refs = []
+    for params, d in sets:
+        t = sample_times(d)
+        refs.append((t, *reference_solution(params, d, t)))
+    groups: dict[int, list[int]] = defaultdict(list)
+    for i, (params, _) in enumerate(sets):
+        groups[int(params["n_transit"])].append(i)
+    tolerance = {"default": (1e-3, 1e-3), "tight": (1e-6, 1e-8)}
+    for acc, (rel, abs_) in tolerance.items():
+        worst, checked_nodes, schedule_nodes = 0.0, [], []
+        for ntr, idx in groups.items():
+            times = [refs[i][0] for i in idx]
+            th = {k: jnp.asarray([sets[i][0][k] for i in idx]) for k in names}
+            regimens = [sets[i][1] for i in idx]
+            k_tr = ntr / np.asarray(th["MTT"])
+            grid = make_grid(regimens, times, acc, k_tr=k_tr)
+            checked_nodes += [int(np.sum(np.diff(row) > 0) + 1) for row in grid.nodes]
+            trial = make_grid(regimens, [schedule] * len(idx), acc, k_tr=k_tr)
+            schedule_nodes += [int(np.sum(np.diff(row) > 0) + 1) for row in trial.nodes]
+            _, bcell = solve(th, grid, n_transit=ntr)
+            for row, i in enumerate(idx):
+                b_ref = refs[i][2]
+                b_pkg = np.asarray(bcell)[row, : b_ref.size]
+                worst = max(worst, float(np.max(np.abs(b_pkg - b_ref) / (rel * np.abs(b_ref) + abs_))))
+        print(
+            f"    {acc:7s}: max |error| / tolerance {worst:.3f} over every half day and infusion; nodes per "
+            f"trajectory median {int(np.median(checked_nodes))} (range {min(checked_nodes)}-{max(checked_nodes)}) "
+            f"with those outputs, {int(np.median(schedule_nodes))} ({min(schedule_nodes)}-{max(schedule_nodes)}) "
+            "with outputs at the sampling days only"
+        )
+        met = "yes" if worst <= 1 else "NO"
+        rows.append((f"(d) max |error|/tolerance, {acc}, 10 sets", f"{worst:.3f}", "<= 1", met))
+        rows.append(
+            (
+                f"    nodes per trajectory, {acc}",
+                f"{int(np.median(schedule_nodes))} / {int(np.median(checked_nodes))}",
+                "-",
+                "-",
+            )
+        )
+    rows.append(("    (nodes: sampling days / half-day outputs)", "", "", ""))
+
+    print()
+    width = max(len(r[0]) for r in rows)
+    print(f"{'figure':{width}s}  {'value':>18s}  {'target':>10s}  met")
+    print("-" * (width + 38))
+    for name, value, target, met in rows:
+        print(f"{name:{width}s}  {value:>18s}  {target:>10s}  {met}")
+
+
+if __name__ == "__main__":
+    main()
