@@ -486,11 +486,17 @@ def model_dirs() -> list[Path]:
 
 
 def available_models() -> list[str]:
-    """Names of the model files found in :func:`model_dirs`."""
+    """Names of the model files (TOML files with a ``[model]`` table) found in :func:`model_dirs`."""
     names: set[str] = set()
     for d in model_dirs():
         if d.is_dir():
-            names.update(p.stem for p in d.glob("*.toml"))
+            for p in d.glob("*.toml"):
+                try:
+                    head = p.read_text(encoding="utf-8")
+                except (OSError, UnicodeDecodeError):
+                    continue
+                if any(line.strip() == "[model]" for line in head.splitlines()):
+                    names.add(p.stem)
     return sorted(names)
 
 
