@@ -729,31 +729,13 @@ def describe(ds: xr.Dataset) -> str:
 
 def write_results(ds: xr.Dataset, out: str | Path, *, overwrite: bool = True) -> Path:
     """Write ``ranking.csv``, ``doses.nc`` and the plots to ``out`` atomically (temp folder, rename)."""
-    import os
-    import shutil
-    import tempfile
-
+    from carnk_pkpd.atomic import atomic_folder
     from carnk_pkpd.plots_doses import plot_all
 
     dest = Path(out)
-    if dest.exists() and not overwrite:
-        raise FileExistsError(f"{dest} exists")
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.tmp-", dir=dest.parent))
-    try:
-        table = ranking_table(ds)
-        table.to_csv(tmp / "ranking.csv", index=False)
+    with atomic_folder(dest, overwrite=overwrite) as tmp:
+        ranking_table(ds).to_csv(tmp / "ranking.csv", index=False)
         (tmp / "about.txt").write_text(describe(ds) + "\n", encoding="utf-8")
         ds.to_netcdf(tmp / "doses.nc")
         plot_all(ds, tmp)
-        if dest.exists():
-            old = dest.with_name(f".{dest.name}.old-{os.getpid()}")
-            os.replace(dest, old)
-            os.replace(tmp, dest)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, dest)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return dest

@@ -17,8 +17,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import shutil
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -222,14 +220,11 @@ def summarise(posterior: xr.Dataset, spec: Any) -> pd.DataFrame:
 # -- save / load ---------------------------------------------------------------------------------------
 def save_fit(fit: Fit, path: str | os.PathLike, *, overwrite: bool = False) -> Path:
     """Write ``fit`` to the folder ``path`` atomically (temporary sibling folder, then rename)."""
+    from carnk_pkpd.atomic import atomic_folder
     from carnk_pkpd.data import write_cohort
 
     dest = Path(path)
-    if dest.exists() and not overwrite:
-        raise FileExistsError(f"{dest} exists; pass overwrite=True (CLI: --overwrite) to replace it")
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.tmp-", dir=dest.parent))
-    try:
+    with atomic_folder(dest, overwrite=overwrite) as tmp:
         (tmp / "model.toml").write_text(fit.spec.text, encoding="utf-8")
         write_cohort(fit.cohort, tmp / "data.csv")
         fit.idata.to_netcdf(tmp / "posterior.nc", engine="netcdf4")
@@ -244,16 +239,6 @@ def save_fit(fit: Fit, path: str | os.PathLike, *, overwrite: bool = False) -> P
         (tmp / "manifest.json").write_text(
             json.dumps(manifest, indent=2, default=_json_default), encoding="utf-8"
         )
-        if dest.exists():
-            old = dest.with_name(f".{dest.name}.old-{os.getpid()}")
-            os.replace(dest, old)
-            os.replace(tmp, dest)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, dest)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     fit.path = dest
     fit.manifest = manifest
     return dest

@@ -96,18 +96,9 @@ def _to_observation_scale(
 
 
 def _records(fit: Any, data: ObservationData) -> xr.Dataset:
-    t = np.array([data.times[s][k] for s, k in zip(data.subject_index, data.time_index, strict=True)])
-    return xr.Dataset(
-        {
-            "ID": ("record", np.array(data.ids, dtype=object)[data.subject_index].astype(str)),
-            "TIME": ("record", t, {"units": "days"}),
-            "DVID": ("record", data.dvid),
-            "DV": ("record", data.dv),
-            "BLQ": ("record", data.blq),
-            "LLOQ": ("record", data.lloq),
-        },
-        coords={"record": np.arange(len(data.dv))},
-    )
+    from carnk_pkpd.inference import records_dataset
+
+    return records_dataset(data).drop_vars("subject_index")
 
 
 def _ipred(
