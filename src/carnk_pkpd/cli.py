@@ -375,11 +375,17 @@ def predict_cmd(
     if "dose_level" in table:
         cols = ["dose_level", *cols]
     table = table[cols]
+    # compact display (the CSV keeps every column): regimen as '3 x 2e9 q3d', interval in brackets
     rich_table = Table(title=title)
-    for c in cols:
-        rich_table.add_column(c, justify="left" if c in ("endpoint", "dose_level") else "right")
-    for row in table.itertuples(index=False):
-        rich_table.add_row(*(f"{v:.3g}" if isinstance(v, float) else str(v) for v in row))
+    shown = (["dose_level"] if "dose_level" in table else []) + ["endpoint", "day", "regimen", "median", "90% interval", "mean"]
+    for c in shown:
+        rich_table.add_column(c, justify="left" if c in ("endpoint", "dose_level", "regimen") else "right")
+    for r in table.to_dict("records"):
+        ld = "" if float(r["ld_scale"]) == 1.0 else f" LD x{float(r['ld_scale']):g}"
+        regimen = f"{int(r['n_infusions'])} x {float(r['dose']):g}e9 q{float(r['interval']):g}d{ld}"
+        cells = [str(r["endpoint"]), f"{float(r['day']):g}", regimen, f"{r['median']:.2f}",
+                 f"[{r['q05']:.2f}, {r['q95']:.2f}]", f"{r['mean']:.2f}"]
+        rich_table.add_row(*(([str(r["dose_level"])] if "dose_level" in r else []) + cells))
     console.print(rich_table)
     console.print(
         f"median and 90% interval of the population probability (parameter uncertainty); mean = predictive "
