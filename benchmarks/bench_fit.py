@@ -33,13 +33,17 @@ def main() -> None:
     cohort = read_cohort(path)
     spec = load_model("reference")
     t0 = time.perf_counter()
-    result = fit(cohort, spec, draws=args.draws, tune=args.tune, chains=args.chains, seed=args.seed, progress=False)
+    result = fit(
+        cohort, spec, draws=args.draws, tune=args.tune, chains=args.chains, seed=args.seed, progress=False
+    )
     wall = time.perf_counter() - t0
     d = result.diagnostics
     tm = result.manifest["timings"]
     s = result.summary().set_index("name")
     n = result.manifest
-    print(f"cohort: {path} ({n['n_subjects']} subjects, {n['n_records']} records, {n['n_blq']} BLQ) - SYNTHETIC")
+    print(
+        f"cohort: {path} ({n['n_subjects']} subjects, {n['n_records']} records, {n['n_blq']} BLQ) - SYNTHETIC"
+    )
     print(f"sampler: {args.chains} chains x ({args.tune} tune + {args.draws} draws), nutpie JAX backend")
     rows = [
         ("wall time total (s)", f"{wall:.1f}", "<= 600", wall <= 600),
@@ -58,7 +62,9 @@ def main() -> None:
     print("\ncoverage of the simulation truth (typical values of the BSV parameters):")
     for p in spec.estimated_bsv():
         lo, hi = s.loc[p, "q05"], s.loc[p, "q95"]
-        print(f"  {p:6s} truth {typ[p]:<10.4g} 90% interval [{lo:.4g}, {hi:.4g}]  {'covered' if lo <= typ[p] <= hi else 'NOT covered'}")
+        print(
+            f"  {p:6s} truth {typ[p]:<10.4g} 90% interval [{lo:.4g}, {hi:.4g}]  {'covered' if lo <= typ[p] <= hi else 'NOT covered'}"
+        )
     if args.out:
         save_fit(result, args.out, overwrite=True)
         print(f"saved to {args.out}")

@@ -200,10 +200,18 @@ def run_fit(
     dest = Path(out)
     if dest.exists() and not overwrite:
         raise FileExistsError(f"{dest} exists; pass --overwrite to replace it")
-    with Progress(SpinnerColumn(), TextColumn("{task.description}"), TimeElapsedColumn(), console=console) as bar:
+    with Progress(
+        SpinnerColumn(), TextColumn("{task.description}"), TimeElapsedColumn(), console=console
+    ) as bar:
         task = bar.add_task("reading data", total=None)
         result = fit_model(
-            data, model, draws=draws, tune=tune, chains=chains, seed=seed, progress=False,
+            data,
+            model,
+            draws=draws,
+            tune=tune,
+            chains=chains,
+            seed=seed,
+            progress=False,
             on_stage=lambda s: bar.update(task, description=s),
         )
     t = result.manifest["timings"]
@@ -212,7 +220,9 @@ def run_fit(
         f"min bulk ESS per second {t['min_ess_bulk_per_second']}"
     )
     if result.synthetic:
-        console.print("[bold red]SYNTHETIC data: every estimate below describes simulated patients.[/bold red]")
+        console.print(
+            "[bold red]SYNTHETIC data: every estimate below describes simulated patients.[/bold red]"
+        )
     _print_summary(result, console)
     render_diagnostics(result.diagnostics, console)
     path = save_fit(result, dest, overwrite=overwrite)
@@ -229,8 +239,14 @@ def _print_summary(result, console) -> None:
         table.add_column(col, justify="left" if col in ("name", "unit") else "right")
     for _, r in df.iterrows():
         table.add_row(
-            r["name"], r["unit"], f"{r['mean']:.4g}", f"{r['q05']:.4g}", f"{r['q50']:.4g}", f"{r['q95']:.4g}",
-            f"{r['ess_bulk']:.0f}", f"{r['r_hat']:.3f}",
+            r["name"],
+            r["unit"],
+            f"{r['mean']:.4g}",
+            f"{r['q05']:.4g}",
+            f"{r['q50']:.4g}",
+            f"{r['q95']:.4g}",
+            f"{r['ess_bulk']:.0f}",
+            f"{r['r_hat']:.3f}",
         )
     console.print(table)
 
@@ -377,14 +393,27 @@ def predict_cmd(
     table = table[cols]
     # compact display (the CSV keeps every column): regimen as '3 x 2e9 q3d', interval in brackets
     rich_table = Table(title=title)
-    shown = (["dose_level"] if "dose_level" in table else []) + ["endpoint", "day", "regimen", "median", "90% interval", "mean"]
+    shown = (["dose_level"] if "dose_level" in table else []) + [
+        "endpoint",
+        "day",
+        "regimen",
+        "median",
+        "90% interval",
+        "mean",
+    ]
     for c in shown:
         rich_table.add_column(c, justify="left" if c in ("endpoint", "dose_level", "regimen") else "right")
     for r in table.to_dict("records"):
         ld = "" if float(r["ld_scale"]) == 1.0 else f" LD x{float(r['ld_scale']):g}"
         regimen = f"{int(r['n_infusions'])} x {float(r['dose']):g}e9 q{float(r['interval']):g}d{ld}"
-        cells = [str(r["endpoint"]), f"{float(r['day']):g}", regimen, f"{r['median']:.2f}",
-                 f"[{r['q05']:.2f}, {r['q95']:.2f}]", f"{r['mean']:.2f}"]
+        cells = [
+            str(r["endpoint"]),
+            f"{float(r['day']):g}",
+            regimen,
+            f"{r['median']:.2f}",
+            f"[{r['q05']:.2f}, {r['q95']:.2f}]",
+            f"{r['mean']:.2f}",
+        ]
         rich_table.add_row(*(([str(r["dose_level"])] if "dose_level" in r else []) + cells))
     console.print(rich_table)
     console.print(
@@ -398,6 +427,8 @@ def predict_cmd(
     except OSError as exc:
         raise _predict_fail(f"could not write {target}: {exc}", 1) from None
     console.print(f"{tag}wrote {target}")
+
+
 # --- doses (dose selection) --------------------------------------------------------------------------
 
 
@@ -458,18 +489,35 @@ def doses_cmd(
             if scheduler:
                 client = Client(scheduler)
             else:
-                cluster = LocalCluster(n_workers=workers, threads_per_worker=1, processes=False,
-                                       dashboard_address=None)
+                cluster = LocalCluster(
+                    n_workers=workers, threads_per_worker=1, processes=False, dashboard_address=None
+                )
                 client = Client(cluster)
-        with Progress(TextColumn("simulating regimens"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
-                      TimeElapsedColumn(), console=console, transient=True) as bar:
+        with Progress(
+            TextColumn("simulating regimens"),
+            BarColumn(),
+            TextColumn("{task.completed}/{task.total}"),
+            TimeElapsedColumn(),
+            console=console,
+            transient=True,
+        ) as bar:
             task = bar.add_task("doses", total=None)
 
             def tick(done: int, total: int) -> None:
                 bar.update(task, completed=done, total=total)
 
-            ds = rank_regimens(fit, regimens, n_draws=draws, n_patients=patients, seed=seed, utility=utility,
-                               client=client, da_target=da_target, remission=remission, progress=tick)
+            ds = rank_regimens(
+                fit,
+                regimens,
+                n_draws=draws,
+                n_patients=patients,
+                seed=seed,
+                utility=utility,
+                client=client,
+                da_target=da_target,
+                remission=remission,
+                progress=tick,
+            )
         write_results(ds, dest)
     except (ValueError, OSError) as e:
         typer.echo(f"Error: {e}", err=True)
@@ -481,9 +529,16 @@ def doses_cmd(
             cluster.close()
     syn = "SYNTHETIC — " if fit.synthetic else ""
     table = Table(title=f"{syn}top regimens ({ds.attrs['utility']})")
-    cols = [("rank", "rank"), ("regimen", "regimen"), ("P(DORIS 12m)", "p_doris_12m"),
-            ("P(LLDAS 12m)", "p_lldas_12m"), ("P(DA≥target)", "pta_da"), ("P(Cmax>thr)", "p_cmax_high"),
-            ("P(best)", "p_best"), ("utility", "utility")]
+    cols = [
+        ("rank", "rank"),
+        ("regimen", "regimen"),
+        ("P(DORIS 12m)", "p_doris_12m"),
+        ("P(LLDAS 12m)", "p_lldas_12m"),
+        ("P(DA≥target)", "pta_da"),
+        ("P(Cmax>thr)", "p_cmax_high"),
+        ("P(best)", "p_best"),
+        ("utility", "utility"),
+    ]
     for name, _ in cols:
         table.add_column(name)
     df = ranking_table(ds).head(top)
@@ -563,6 +618,7 @@ def report_cmd(
         typer.echo("SYNTHETIC data: the report describes simulated patients.")
     typer.echo(f"wrote {path}")
 
+
 # --- demo --------------------------------------------------------------------------------------------
 
 
@@ -594,8 +650,15 @@ def _demo_fit(console: Any, state: dict[str, Any]) -> None:
         f"{settings['draws']} draws). A full fit is 'carnk-pkpd fit' with 4 x (1000 + 1000)."
     )
     state["fit"] = run_fit(
-        str(embedded_cohort_path("reference")), "reference", "fits/demo", settings["draws"], settings["tune"],
-        settings["chains"], settings["seed"], True, console,
+        str(embedded_cohort_path("reference")),
+        "reference",
+        "fits/demo",
+        settings["draws"],
+        settings["tune"],
+        settings["chains"],
+        settings["seed"],
+        True,
+        console,
     )
     state["fit_path"] = "fits/demo"
 
@@ -605,10 +668,29 @@ def _demo_fit(console: Any, state: dict[str, Any]) -> None:
 DEMO_STEPS: list[tuple[str, Callable[[Any, dict[str, Any]], None]]] = [
     ("SYNTHETIC reference cohort", _demo_reference_cohort),
     ("Hierarchical fit (short)", _demo_fit),
-    ("Remission probability by dose level", lambda c, st: _demo_command(["predict", st["fit_path"], "--out", st["fit_path"]])),
-    ("Dose selection: top of the ranking", lambda c, st: _demo_command(
-        ["doses", st["fit_path"], "--out", f"{st['fit_path']}/doses", "--draws", "100", "--patients", "20",
-         "--workers", "0", "--top", "6"])),
+    (
+        "Remission probability by dose level",
+        lambda c, st: _demo_command(["predict", st["fit_path"], "--out", st["fit_path"]]),
+    ),
+    (
+        "Dose selection: top of the ranking",
+        lambda c, st: _demo_command(
+            [
+                "doses",
+                st["fit_path"],
+                "--out",
+                f"{st['fit_path']}/doses",
+                "--draws",
+                "100",
+                "--patients",
+                "20",
+                "--workers",
+                "0",
+                "--top",
+                "6",
+            ]
+        ),
+    ),
     ("Report", lambda c, st: _demo_command(["report", st["fit_path"]])),
 ]
 
