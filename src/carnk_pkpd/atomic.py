@@ -37,15 +37,32 @@ def atomic_folder(dest: str | os.PathLike, *, overwrite: bool = False) -> Iterat
         raise
 
 
+def write_text_atomic(path: str | os.PathLike, text: str, *, newline: str | None = None) -> Path:
+    """Write ``text`` (UTF-8) to ``path`` atomically."""
+
+    def write(tmp: Path) -> None:
+        with open(tmp, "w", encoding="utf-8", newline=newline) as fh:
+            fh.write(text)
+
+    return write_file_atomic(path, write)
+
+
 def write_file_atomic(path: str | os.PathLike, write: Callable[[Path], object]) -> Path:
-    """Call ``write(tmp_path)`` on a temporary sibling of ``path``, then rename it onto ``path``."""
+    """Call ``write(tmp_path)`` on a temporary sibling of ``path``, then rename it onto ``path``.
+
+    The result keeps the permissions of the file it replaces (0o644 for a new file).
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
+    mode = path.stat().st_mode & 0o777 if path.exists() else 0o644
     fd, name = tempfile.mkstemp(prefix=f".{path.name}.tmp-", dir=path.parent)
     os.close(fd)
     tmp = Path(name)
     try:
         write(tmp)
+        with open(tmp, "rb+") as fh:
+            os.fsync(fh.fileno())
+        os.chmod(tmp, mode)
         os.replace(tmp, path)
     except BaseException:
         tmp.unlink(missing_ok=True)

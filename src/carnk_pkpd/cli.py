@@ -293,17 +293,9 @@ def _predict_fail(message: str, code: int) -> typer.Exit:
 
 def _write_csv_atomic(df, path) -> None:  # noqa: ANN001 - pandas DataFrame, pathlib.Path
     """Write ``df`` to ``path`` via a temporary sibling file and ``os.replace``."""
-    import os
-    import tempfile
+    from carnk_pkpd.atomic import write_file_atomic
 
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        df.to_csv(tmp, index=False, float_format="%.6g")
-        os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise
+    write_file_atomic(path, lambda tmp: df.to_csv(tmp, index=False, float_format="%.6g"))
 
 
 @app.command("predict")

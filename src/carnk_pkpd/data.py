@@ -35,7 +35,6 @@ import io
 import math
 import os
 import re
-import tempfile
 import warnings
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
@@ -681,21 +680,9 @@ def write_cohort(cohort: Cohort, path: str | os.PathLike[str]) -> Path:
     buf.write(",".join(_format_text(str(c)) for c in df.columns) + "\n")
     for row in df.itertuples(index=False, name=None):
         buf.write(",".join(_format_cell(v) for v in row) + "\n")
-    text = buf.getvalue()
-    mode = path.stat().st_mode & 0o777 if path.exists() else 0o644
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8", newline="") as fh:
-            fh.write(text)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.chmod(tmp, mode)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-    return path
+    from carnk_pkpd.atomic import write_text_atomic
+
+    return write_text_atomic(path, buf.getvalue(), newline="")
 
 
 def embedded_cohort_path(name: str = "example") -> Path:

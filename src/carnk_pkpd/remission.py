@@ -51,7 +51,6 @@ from __future__ import annotations
 
 import hashlib
 import os
-import tempfile
 import tomllib
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -611,14 +610,9 @@ def fit_remission(
 
 
 def _save_atomic(ds: xr.Dataset, path: Path) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        ds.to_netcdf(tmp, engine="netcdf4")
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    from carnk_pkpd.atomic import write_file_atomic
+
+    write_file_atomic(path, lambda tmp: ds.to_netcdf(tmp, engine="netcdf4"))
 
 
 def remission_posterior(

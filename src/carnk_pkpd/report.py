@@ -11,7 +11,6 @@ import base64
 import html
 import json
 import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -149,15 +148,6 @@ def write_report(fit: Any, out: str | os.PathLike | None = None, n_draws: int = 
     dest = Path(out)
     if dest.is_dir():
         raise ValueError(f"{dest} is a folder (expected a file name such as report.html)")
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    text = render_report(fit, n_draws, seed)
-    fd, tmp = tempfile.mkstemp(prefix=f".{dest.name}.tmp-", dir=dest.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, dest)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return dest
+    from carnk_pkpd.atomic import write_text_atomic
+
+    return write_text_atomic(dest, render_report(fit, n_draws, seed))

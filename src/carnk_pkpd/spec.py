@@ -24,7 +24,6 @@ import math
 import numbers
 import os
 import re
-import tempfile
 import tomllib
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -1350,12 +1349,6 @@ def save_model(spec: ModelSpec, path: str | os.PathLike[str]) -> Path:
     path = Path(path)
     origin = str(spec.source_file) if spec.source_file else "a spec made in memory"
     text = dump_toml(spec, header=f"carnk_pkpd model file written by save_model (from {origin}).")
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            fh.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
+    from carnk_pkpd.atomic import write_text_atomic
+
+    return write_text_atomic(path, text)
