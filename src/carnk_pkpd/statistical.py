@@ -216,8 +216,9 @@ def build_model(spec: ModelSpec, data: ObservationData, *, accuracy: str = "defa
             if par.dose_level_tier and len(dl_labels) > 1:
                 om_dl = pm.HalfNormal(f"omega_DL_{name}", sigma=0.3)
                 z_dl = pm.Normal(f"z_DL_{name}", 0.0, 1.0, dims="dose_level")
-                log_dl = pm.Deterministic(f"{name}_DL", pt.exp(log_p + om_dl * z_dl), dims="dose_level")
-                log_i = pt.log(log_dl)[dl_index]
+                log_p_dl = log_p + om_dl * z_dl
+                pm.Deterministic(f"{name}_DL", pt.exp(log_p_dl), dims="dose_level")
+                log_i = log_p_dl[dl_index]
             log_i = log_i + _covariate_terms(spec, data, name)
             if par.bsv_estimate:
                 omega = pm.HalfNormal(f"omega_{name}", sigma=max(par.bsv_sd, 0.1))
