@@ -62,10 +62,11 @@ _VAND = np.vander(GL_C, 3, increasing=True)  # [j, m] = c_j**m
 LAGRANGE = np.linalg.inv(_VAND).T  # L_k(v) = sum_m LAGRANGE[k, m] v**m
 _UPPER = np.append(GL_C, 1.0)  # integrate to each node and to the end of the step
 _N_SERIES = 9  # |z| < 0.05: truncation below 0.05**9/9! ≈ 5e-18
+_N_MOMENTS = 4  # M_0..M_3: M_0..M_2 give the weights, M_1..M_3 their derivative in z
 # Taylor coefficients of M_m(c, z) = ∫_0^c e^{zv} v^m dv = Σ_p z^p c^(m+p+1) / (p! (m+p+1))
-_SERIES = np.zeros((len(_UPPER), 3, _N_SERIES))
+_SERIES = np.zeros((len(_UPPER), _N_MOMENTS, _N_SERIES))
 for _ci, _c in enumerate(_UPPER):
-    for _m in range(3):
+    for _m in range(_N_MOMENTS):
         for _p in range(_N_SERIES):
             _SERIES[_ci, _m, _p] = _c ** (_m + _p + 1) / (math.factorial(_p) * (_m + _p + 1))
 # plain Gauss collocation (rate 0): A[j, k] = ∫_0^{c_j} L_k, b[k] = ∫_0^1 L_k
@@ -75,29 +76,43 @@ GL_A = W_ZERO[:3]
 assert np.allclose(W_ZERO[3], GL_B)
 
 
-def fitted_weights(z: jnp.ndarray) -> jnp.ndarray:
-    """Weights ``W[..., j, k] = ∫_0^{c_j} e^{z v} L_k(v) dv`` (j = 3 nodes and the step end).
+def _moments(z: jnp.ndarray) -> jnp.ndarray:
+    """``M[..., j, m] = ∫_0^{c_j} e^{z v} v^m dv`` for the 3 nodes and the step end, m = 0..3.
 
-    Exact for ``e^{z v}`` times a quadratic; a Taylor series for |z| < 0.05 and the moment recurrence
-    otherwise (the unused branch is fed a safe value so that reverse mode never sees 0/0).
+    A Taylor series for |z| < 0.05 and the recurrence ``M_m = (c^m e^{zc} − m·M_(m−1))/z`` otherwise
+    (the unused branch is fed a safe value so that no 0/0 is ever formed).
     """
-    z = jnp.asarray(z)
     small = jnp.abs(z) < 0.05
     zs = jnp.where(small, z, 0.0)[..., None, None]
-    # Horner over the series index p
-    coef = jnp.asarray(_SERIES)  # [4, 3, P]
-    series = jnp.zeros(z.shape + (4, 3)) + coef[..., -1]
-    for p in range(_N_SERIES - 2, -1, -1):
+    coef = jnp.asarray(_SERIES)  # [4, 4, P]
+    series = jnp.zeros(z.shape + coef.shape[:2]) + coef[..., -1]
+    for p in range(_N_SERIES - 2, -1, -1):  # Horner over the series index p
         series = series * zs + coef[..., p]
     zl = jnp.where(small, 1.0, z)[..., None]  # [..., 1]
     c = jnp.asarray(_UPPER)
     e = jnp.exp(zl * c)  # [..., 4]
-    m0 = jnp.expm1(zl * c) / zl
-    m1 = (c * e - m0) / zl
-    m2 = (c * c * e - 2.0 * m1) / zl
-    recur = jnp.stack([m0, m1, m2], axis=-1)  # [..., 4, 3]
-    moments = jnp.where(small[..., None, None], series, recur)
-    return moments @ jnp.asarray(LAGRANGE.T)  # [..., 4, 3]
+    recur = [jnp.expm1(zl * c) / zl]
+    for m in range(1, _N_MOMENTS):
+        recur.append((c**m * e - m * recur[-1]) / zl)
+    return jnp.where(small[..., None, None], series, jnp.stack(recur, axis=-1))
+
+
+@jax.custom_jvp
+def fitted_weights(z: jnp.ndarray) -> jnp.ndarray:
+    """Weights ``W[..., j, k] = ∫_0^{c_j} e^{z v} L_k(v) dv`` (j = 3 nodes and the step end).
+
+    Exact for ``e^{z v}`` times a quadratic. The derivative is the closed form
+    ``∂W/∂z = ∫ v·e^{z v} L_k(v) dv`` (moments shifted by one), so reverse mode never traces the series.
+    """
+    return _moments(jnp.asarray(z))[..., :3] @ jnp.asarray(LAGRANGE.T)
+
+
+@fitted_weights.defjvp
+def _fitted_weights_jvp(primals, tangents):
+    (z,), (dz,) = primals, tangents
+    m = _moments(jnp.asarray(z))
+    lagrange_t = jnp.asarray(LAGRANGE.T)
+    return m[..., :3] @ lagrange_t, (m[..., 1:] @ lagrange_t) * jnp.asarray(dz)[..., None, None]
 
 
 # --- grids --------------------------------------------------------------------------------------------
