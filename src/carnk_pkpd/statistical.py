@@ -190,14 +190,14 @@ def build_model(spec: ModelSpec, data: ObservationData, *, accuracy: str = "defa
     mtt = spec.parameters["MTT"]
     spread = (mtt.prior or {}).get("sigma", 0.0) + mtt.bsv_sd if not mtt.fixed else mtt.bsv_sd
     k_tr_max = n_transit / (mtt.typical * np.exp(-2.5 * spread))
-    grid = make_grid(data.doses, data.times, accuracy, k_tr=k_tr_max)
+    grid = make_grid(data.doses, data.times, accuracy, k_tr=k_tr_max, bucket=1)
     n_out = grid.times.shape[1]
     flat = data.subject_index * n_out + data.time_index
     names = [p for p in spec.parameters if p != "n_transit"]
 
     @wrap_jax
     def predict(theta):
-        car, bcell = solve(theta, grid, n_transit=n_transit, structure=spec.structure)
+        car, bcell = solve(theta, grid, n_transit=n_transit, structure=spec.structure, compact=True)
         return car.reshape(-1)[flat], bcell.reshape(-1)[flat]
 
     dl_labels = sorted(set(data.dose_levels), key=_natural)

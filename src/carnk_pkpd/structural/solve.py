@@ -191,6 +191,7 @@ def make_grid(
     times: Sequence[Sequence[float]],
     accuracy: str | Mapping[str, float] = "default",
     k_tr: float | Sequence[float] | np.ndarray | None = None,
+    bucket: int = NODE_BUCKET,
 ) -> Grid:
     """Build the node grid for a batch of subjects.
 
@@ -205,6 +206,9 @@ def make_grid(
     k_tr
         Largest transit rate n/MTT (1/day) to resolve, per subject or one for all; caps the late
         step. Give the fastest plausible value when the grid serves many parameter draws.
+    bucket
+        Pad the node count to a multiple of this, so that repeated calls compile few shapes; a grid
+        that is compiled once (a fit) uses 1.
     """
     cfg = dict(ACCURACY[accuracy]) if isinstance(accuracy, str) else dict(accuracy)
     if len(doses) != len(times):
@@ -226,7 +230,7 @@ def make_grid(
         idx_list.append(idx)
         t_list.append(t)
     n_nodes = max(len(n) for n in node_list)
-    n_nodes = int(np.ceil(n_nodes / NODE_BUCKET) * NODE_BUCKET)
+    n_nodes = int(np.ceil(n_nodes / bucket) * bucket)
     n_out = max(max((len(t) for t in t_list), default=0), 1)
     n_dose = max(max((len(d) for d in dose_arr), default=0), 1)
     S = len(node_list)
@@ -320,17 +324,32 @@ def solve_nodes(
     n_transit: int,
     sweeps: int = 2,
     structure: str = "reference",
+    steps: tuple | None = None,
 ):
     """B cells (cells/µL) at every node, shape ``(subject, n_nodes)``.
 
     ``theta`` maps parameter names to arrays of shape ``(subject,)`` (natural units, see
     ``models/reference.toml``). ``nodes`` are node times (days) of shape ``(subject, n_nodes)``.
+    ``steps`` (from :func:`real_steps`) lists the steps of non-zero length; when given, the
+    state-independent coefficients are computed for those steps only and the zero-length padding
+    steps of shorter subjects share one no-op step.
     """
     th = {k: jnp.asarray(v, dtype=jnp.float64) for k, v in theta.items()}
     nodes = jnp.asarray(nodes, dtype=jnp.float64)
-    co = _step_coefficients(
-        th, nodes, jnp.asarray(dose_times), jnp.asarray(dose_amounts), n_transit, structure
-    )
+    dose_times, dose_amounts = jnp.asarray(dose_times), jnp.asarray(dose_amounts)
+    if steps is None:
+        co = _step_coefficients(th, nodes, dose_times, dose_amounts, n_transit, structure)
+    else:
+        subject, t0, t1, layout = (jnp.asarray(a) for a in steps)
+        flat = _step_coefficients(
+            {k: v[subject] for k, v in th.items()},
+            jnp.stack([t0, t1], axis=1),
+            dose_times[subject],
+            dose_amounts[subject],
+            n_transit,
+            structure,
+        )
+        co = {k: v[:, 0][layout] for k, v in flat.items()}
     k_tr = n_transit / th["MTT"]
     B0, F_max, src0 = th["B0"], th["F_max"], th["k_B"] * th["B0"]
     p_ss = src0 / k_tr
@@ -362,10 +381,37 @@ def solve_nodes(
     return jnp.concatenate([B_init[None, :], b_path], axis=0).T  # [S, n_nodes]
 
 
-def solve(theta: Mapping[str, jnp.ndarray], grid: Grid, *, n_transit: int, structure: str = "reference"):
+def real_steps(nodes: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """The non-zero-length steps of a padded node array, for :func:`solve_nodes`.
+
+    Returns ``(subject, t0, t1, layout)``: per real step its subject and end points (days), then one
+    zero-length step (subject 0 at its first node, a no-op); ``layout[s, m]`` is the row of step ``m``
+    of subject ``s`` (the no-op row for padding).
+    """
+    nodes = np.asarray(nodes, float)
+    rows, cols = np.nonzero(np.diff(nodes, axis=1) > 0)
+    n_real = len(rows)
+    layout = np.full((nodes.shape[0], nodes.shape[1] - 1), n_real, dtype=np.int64)
+    layout[rows, cols] = np.arange(n_real)
+    subject = np.append(rows, 0)
+    t0 = np.append(nodes[rows, cols], nodes[0, 0])
+    t1 = np.append(nodes[rows, cols + 1], nodes[0, 0])
+    return subject, t0, t1, layout
+
+
+def solve(
+    theta: Mapping[str, jnp.ndarray],
+    grid: Grid,
+    *,
+    n_transit: int,
+    structure: str = "reference",
+    compact: bool = False,
+):
     """CAR-NK and B cells (cells/µL) at the grid's requested times, each ``(subject, n_times)``.
 
-    Pure and differentiable in ``theta`` (JAX arrays of shape ``(subject,)``).
+    Pure and differentiable in ``theta`` (JAX arrays of shape ``(subject,)``). ``compact=True``
+    skips the padding steps of subjects with fewer nodes (see :func:`real_steps`): worth it when one
+    grid is solved many times (a fit); each grid then compiles once.
     """
     b_nodes = solve_nodes(
         theta,
@@ -375,6 +421,7 @@ def solve(theta: Mapping[str, jnp.ndarray], grid: Grid, *, n_transit: int, struc
         n_transit=n_transit,
         sweeps=grid.sweeps,
         structure=structure,
+        steps=real_steps(grid.nodes) if compact else None,
     )
     bcell = jnp.take_along_axis(b_nodes, jnp.asarray(grid.out_index), axis=1)
     car = car_closed_form(
