@@ -187,6 +187,7 @@ def run_fit(
     seed: int,
     overwrite: bool,
     console,
+    target_accept: float | None = None,
 ):
     """Fit, show diagnostics and the summary, save atomically; returns the Fit (shared with demo)."""
     from pathlib import Path
@@ -213,6 +214,7 @@ def run_fit(
             seed=seed,
             progress=False,
             on_stage=lambda s: bar.update(task, description=s),
+            **({} if target_accept is None else {"target_accept": target_accept}),
         )
     t = result.manifest["timings"]
     console.print(
@@ -262,6 +264,9 @@ def fit_cmd(
     seed: int = typer.Option(1, "--seed", help="Sampler seed (same seed, same draws on the same machine)."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing fit folder of that name."),
     strict: bool = typer.Option(False, "--strict", help="Exit 1 when the fit fails its diagnostics."),
+    target_accept: float = typer.Option(
+        None, "--target-accept", min=0.5, max=0.999, help="NUTS target acceptance (default: carnk_pkpd's)."
+    ),
 ) -> None:
     """Fit the hierarchical model to a cohort with NUTS (nutpie) and save the fit folder."""
     from rich.console import Console
@@ -270,7 +275,7 @@ def fit_cmd(
 
     console = Console()
     try:
-        result = run_fit(data, model, out, draws, tune, chains, seed, overwrite, console)
+        result = run_fit(data, model, out, draws, tune, chains, seed, overwrite, console, target_accept)
     except DataError as e:
         typer.echo(str(e), err=True)
         raise typer.Exit(1) from None

@@ -45,7 +45,8 @@ class Diagnostics:
             tips.append("run longer (--tune 2000 --draws 2000) or more chains; check for multimodality")
         if "divergent" in text:
             tips.append(
-                "raise target acceptance, tighten weakly identified priors, or fix a poorly identified BSV"
+                "raise the target acceptance (--target-accept 0.95), tighten weakly identified priors, "
+                "or fix a poorly identified BSV"
             )
         if "E-BFMI" in text:
             tips.append(
