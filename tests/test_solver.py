@@ -21,6 +21,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from reference_ode import (
+    SAMPLING_DAYS,
     TYPICAL,
     TYPICAL_STEIN,
     car_closed_form,
@@ -185,11 +186,14 @@ def _by_chain_length(sets: list) -> dict[int, list[int]]:
     return dict(groups)
 
 
-def _package_solutions(sets: list, accuracy: str, model: str = "reference") -> list:
-    """``simulate`` per n_transit group (one batch, a regimen per subject) at each set's sample times."""
+def _package_solutions(
+    sets: list, accuracy: str, model: str = "reference", days: np.ndarray | None = None
+) -> list:
+    """``simulate`` per n_transit group (one batch, a regimen per subject) at each set's sample times,
+    or at ``days`` only (then the grid has nodes at those days alone, as in a fit)."""
     out: list = [None] * len(sets)
     for n_transit, idx in _by_chain_length(sets).items():
-        own = [sample_times(sets[i][1]) for i in idx]
+        own = [sample_times(sets[i][1]) if days is None else days for i in idx]
         times = np.unique(np.concatenate(own))
         names = [k for k in sets[idx[0]][0] if k != "n_transit"]
         params = {k: np.array([sets[i][0][k] for i in idx]) for k in names}
@@ -227,6 +231,25 @@ def test_b_cells_within_accuracy_contract_against_radau_on_stress_sets(stress: d
     failing = [(f"set {i}", f"day {t}", f"{r:.3g}x tolerance") for r, i, t in worst if r > 1.0]
     assert not failing, failing
     assert len(worst) == len(STRESS_SETS) >= 100
+
+
+def test_b_cells_within_the_default_contract_when_only_the_trial_sampling_days_are_requested(
+    stress: dict,
+) -> None:
+    # A fit asks for the sampling days only, so its grid has no half-day nodes: the steps are as long as
+    # the accuracy settings allow. The references were solved at every half day, which includes them.
+    days = np.array(sorted(set(SAMPLING_DAYS["bcell"]) | set(SAMPLING_DAYS["car"])), float)
+    package = _package_solutions(STRESS_SETS, "default", days=days)
+    rel, abs_ = TOLERANCE["default"]
+    failing = []
+    for i, ((times, _, b_ref), (_, b_pkg)) in enumerate(zip(stress["reference"], package, strict=True)):
+        ref = b_ref[np.searchsorted(times, days)]
+        ratio = np.abs(b_pkg - ref) / (rel * np.abs(ref) + abs_)
+        if ratio.max() > 1.0:
+            failing.append(
+                (f"set {i}", f"day {days[int(np.argmax(ratio))]}", f"{ratio.max():.3g}x tolerance")
+            )
+    assert not failing, failing
 
 
 def test_car_nk_equals_the_integrated_reference_n(stress: dict) -> None:

@@ -60,7 +60,13 @@ def _solve_flat(
     n_samp, n_sub = next(iter(theta_sub.values())).shape
     flat = {k: np.ascontiguousarray(v, dtype=float).reshape(-1) for k, v in theta_sub.items()}
     n_tr = fit.n_transit
-    grid = make_grid(list(data.doses) * n_samp, list(times) * n_samp, _accuracy(fit), k_tr=n_tr / flat["MTT"])
+    grid = make_grid(
+        list(data.doses) * n_samp,
+        list(times) * n_samp,
+        _accuracy(fit),
+        k_tr=n_tr / flat["MTT"],
+        k_kill=flat["k_kmax"],
+    )
     car, bcell = solve(flat, grid, n_transit=n_tr, structure=fit.spec.structure)
     car = np.where(grid.mask, np.asarray(car), np.nan).reshape(n_samp, n_sub, -1)
     bcell = np.where(grid.mask, np.asarray(bcell), np.nan).reshape(n_samp, n_sub, -1)

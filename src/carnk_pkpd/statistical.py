@@ -189,8 +189,10 @@ def build_model(spec: ModelSpec, data: ObservationData, *, accuracy: str = "defa
     n_transit = int(round(spec.parameters["n_transit"].typical))
     mtt = spec.parameters["MTT"]
     spread = (mtt.prior or {}).get("sigma", 0.0) + mtt.bsv_sd if not mtt.fixed else mtt.bsv_sd
-    k_tr_max = n_transit / (mtt.typical * np.exp(-2.5 * spread))
-    grid = make_grid(data.doses, data.times, accuracy, k_tr=k_tr_max, bucket=1)
+    k_tr_max = n_transit / (mtt.typical * np.exp(-2.5 * spread))  # fastest plausible transit rate
+    grid = make_grid(
+        data.doses, data.times, accuracy, k_tr=k_tr_max, k_kill=_rate_bound(spec, "k_kmax"), bucket=1
+    )
     n_out = grid.times.shape[1]
     flat = data.subject_index * n_out + data.time_index
     names = [p for p in spec.parameters if p != "n_transit"]
@@ -231,6 +233,16 @@ def build_model(spec: ModelSpec, data: ObservationData, *, accuracy: str = "defa
         _likelihood(spec, data, car_pred, b_pred)
     model._carnk_grid = grid  # noqa: SLF001 - kept for predictions built on the same cohort
     return model
+
+
+def _rate_bound(spec: ModelSpec, name: str) -> float:
+    """A high plausible value of a rate parameter (typical value times 2.5 prior + BSV log-SDs), used
+    to size the fixed integration grid of a fit."""
+    par = spec.parameters[name]
+    spread = (0.0 if par.fixed else (par.prior or {}).get("sigma", 0.0)) + (
+        par.bsv_sd if par.bsv_estimate else 0.0
+    )
+    return float(par.typical * np.exp(2.5 * spread))
 
 
 def normal_lcdf(z):

@@ -121,7 +121,7 @@ def simulate(
     t = np.asarray(times, float).ravel()
     per = _doses_per_subject(doses, n)
     k_tr = n_transit / theta["MTT"]
-    grid = make_grid(per, [t] * n, accuracy, k_tr=k_tr)
+    grid = make_grid(per, [t] * n, accuracy, k_tr=k_tr, k_kill=np.asarray(theta["k_kmax"], float))
     car, bcell = solve(theta, grid, n_transit=n_transit, structure=spec.structure)
     car, bcell = np.asarray(car)[:, : t.size], np.asarray(bcell)[:, : t.size]
     dims = ("subject", "time")

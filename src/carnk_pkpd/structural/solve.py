@@ -120,15 +120,32 @@ ACCURACY = {
     # h_dose: step in the first dose_days after each infusion (N jumps and expands there);
     # h_active: step from −5 to the last infusion + active_days (CAR-NK may still kill);
     # h_late: step afterwards, capped at k_tr_steps / k_tr when the transit rate is known
-    # (a long chain with a short MTT moves fast); sweeps: passes of the F(B) feedback per step.
+    # (a long chain with a short MTT moves fast); kill_steps: the active step is capped at
+    # kill_steps / k_kmax when the largest kill rate is known (a strong kill that switches off as N
+    # falls through EC50 bends the integrating factor within a step); sweeps: passes of the F(B)
+    # feedback per step.
     # Measured on 40 parameter sets at twice the table's BSV plus extremes (see
     # benchmarks/bench_solver.py): "default" stays below 0.2 of its tolerance
     # (1e-3·|B| + 1e-3 cells/µL), "tight" below 1 of 1e-6·|B| + 1e-8.
     "default": dict(
-        h_dose=0.5, dose_days=4.0, h_active=1.0, active_days=60.0, h_late=2.0, k_tr_steps=1.0, sweeps=2
+        h_dose=0.5,
+        dose_days=4.0,
+        h_active=1.0,
+        active_days=60.0,
+        h_late=2.0,
+        k_tr_steps=1.0,
+        kill_steps=5.0,
+        sweeps=2,
     ),
     "tight": dict(
-        h_dose=0.02, dose_days=6.0, h_active=0.05, active_days=90.0, h_late=0.25, k_tr_steps=0.1, sweeps=4
+        h_dose=0.02,
+        dose_days=6.0,
+        h_active=0.05,
+        active_days=90.0,
+        h_late=0.25,
+        k_tr_steps=0.1,
+        kill_steps=1.0,
+        sweeps=4,
     ),
 }
 NODE_BUCKET = 64  # pad node counts to a multiple of this so that JAX compiles few shapes
@@ -158,7 +175,11 @@ class Grid:
 
 
 def _subject_nodes(
-    doses: np.ndarray, times: np.ndarray, cfg: Mapping[str, float], k_tr: float | None
+    doses: np.ndarray,
+    times: np.ndarray,
+    cfg: Mapping[str, float],
+    k_tr: float | None,
+    k_kill: float | None = None,
 ) -> np.ndarray:
     t_first = min(LD_START, float(times.min()) if times.size else LD_START)
     t_end = max(float(times.max()) if times.size else 0.0, 0.0)
@@ -167,7 +188,10 @@ def _subject_nodes(
     pieces = [np.array([t_first, LD_START, LD_END, 0.0, t_end]), times, doses[:, 0] if len(doses) else []]
     # active phase: uniform h_active from −5 to active_end
     if active_end > LD_START:
-        n = int(np.ceil((active_end - LD_START) / cfg["h_active"]))
+        h_active = cfg["h_active"]
+        if k_kill and "kill_steps" in cfg:
+            h_active = min(h_active, cfg["kill_steps"] / k_kill)
+        n = int(np.ceil((active_end - LD_START) / h_active))
         pieces.append(np.linspace(LD_START, active_end, n + 1))
     # finer just after each infusion, where N jumps and expands
     for td in doses[:, 0] if len(doses) else []:
@@ -192,6 +216,7 @@ def make_grid(
     accuracy: str | Mapping[str, float] = "default",
     k_tr: float | Sequence[float] | np.ndarray | None = None,
     bucket: int = NODE_BUCKET,
+    k_kill: float | Sequence[float] | np.ndarray | None = None,
 ) -> Grid:
     """Build the node grid for a batch of subjects.
 
@@ -206,6 +231,9 @@ def make_grid(
     k_tr
         Largest transit rate n/MTT (1/day) to resolve, per subject or one for all; caps the late
         step. Give the fastest plausible value when the grid serves many parameter draws.
+    k_kill
+        Largest maximal kill rate k_kmax (1/day) to resolve, per subject or one for all; caps the
+        active step at ``kill_steps / k_kill``.
     bucket
         Pad the node count to a multiple of this, so that repeated calls compile few shapes; a grid
         that is compiled once (a fit) uses 1.
@@ -216,11 +244,14 @@ def make_grid(
     node_list, idx_list, t_list = [], [], []
     dose_arr = [np.asarray(d, float).reshape(-1, 2) for d in doses]
     k_trs = np.broadcast_to(np.asarray(np.nan if k_tr is None else k_tr, float), (len(dose_arr),))
-    for d, t, ktr in zip(dose_arr, times, k_trs, strict=True):
+    k_kills = np.broadcast_to(np.asarray(np.nan if k_kill is None else k_kill, float), (len(dose_arr),))
+    for d, t, ktr, kk in zip(dose_arr, times, k_trs, k_kills, strict=True):
         t = np.asarray(t, float).ravel()
         if not np.all(np.isfinite(t)):
             raise ValueError("requested times must be finite")
-        nodes = _subject_nodes(d, t, cfg, None if np.isnan(ktr) else float(ktr))
+        nodes = _subject_nodes(
+            d, t, cfg, None if np.isnan(ktr) else float(ktr), None if np.isnan(kk) else float(kk)
+        )
         idx = np.searchsorted(nodes, t)
         idx = np.clip(idx, 0, len(nodes) - 1)
         # snap to the nearest node (requested times are nodes up to the 1e-9 merge)
