@@ -112,6 +112,7 @@ def test_fit_folder_holds_posterior_model_data_summary_and_manifest(small_fit):
     assert manifest["synthetic"] is True
     assert set(manifest["files"]) == {"posterior.nc", "model.toml", "data.csv", "summary.csv"}
     assert "nutpie" in manifest["versions"] and "compile_seconds" in manifest["timings"]
+    assert manifest["sampler"]["target_accept"] == 0.9 and manifest["sampler"]["adaptation"] == "low_rank"
     # a reloaded fit carries the same posterior and the data it was fitted to
     post = small_fit.posterior
     assert post.sizes["chain"] == 2 and post.sizes["draw"] == 60
@@ -162,6 +163,15 @@ def test_existing_fit_is_kept_unless_overwrite(small_fit, tmp_path):
     save_fit(small_fit, dest, overwrite=True)
     assert load_fit(dest).posterior["B0"].shape == small_fit.posterior["B0"].shape
     assert [p.name for p in tmp_path.iterdir()] == ["fit"]  # no temporary folder left behind
+
+
+def test_a_target_acceptance_outside_zero_one_is_refused_before_any_work():
+    from carnk_pkpd.data import embedded_cohort_path
+    from carnk_pkpd.inference import fit
+
+    for bad in (0.0, 1.0, 1.2):
+        with pytest.raises(ValueError, match="target_accept must lie in"):
+            fit(embedded_cohort_path("example"), target_accept=bad, progress=False)
 
 
 def test_same_seed_gives_the_same_draws():

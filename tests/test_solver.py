@@ -153,6 +153,55 @@ def test_reverse_mode_gradient_matches_finite_differences_for_stein_kinetics() -
     assert _compare_with_differences(per_subject, log_theta, grad) <= 0.01 * len(sets) * len(log_theta)
 
 
+def test_fitted_weights_and_their_derivative_match_quadrature() -> None:
+    # W[j, k] = ∫_0^{c_j} e^{z v} L_k(v) dv and dW/dz = ∫ v e^{z v} L_k(v) dv, by scipy's adaptive quadrature,
+    # on both sides of the series/recurrence switch at |z| = 0.05 and for strong decay and growth
+    from scipy.integrate import quad
+
+    from carnk_pkpd.structural.solve import _UPPER, LAGRANGE, fitted_weights
+
+    def lagrange(k: int, v: float) -> float:
+        return float(sum(LAGRANGE[k, m] * v**m for m in range(3)))
+
+    zs = np.array([-30.0, -3.0, -0.0501, -0.0499, -1e-9, 0.0, 0.02, 0.0501, 1.5, 12.0])
+    weights = np.asarray(fitted_weights(jnp.asarray(zs)))
+    slopes = np.asarray(jax.vmap(jax.jacfwd(fitted_weights))(jnp.asarray(zs)))
+    for i, z in enumerate(zs):
+        for j, c in enumerate(_UPPER):
+            for k in range(3):
+                w = quad(
+                    lambda v, k=k, z=z: np.exp(z * v) * lagrange(k, v), 0.0, c, epsabs=1e-14, epsrel=1e-13
+                )[0]
+                d = quad(
+                    lambda v, k=k, z=z: v * np.exp(z * v) * lagrange(k, v), 0.0, c, epsabs=1e-14, epsrel=1e-13
+                )[0]
+                scale = np.exp(max(z, 0.0) * c)  # the integrals grow like e^{z c}
+                assert abs(weights[i, j, k] - w) <= 1e-11 * scale, (z, j, k, weights[i, j, k], w)
+                assert abs(slopes[i, j, k] - d) <= 1e-9 * scale, (z, j, k, slopes[i, j, k], d)
+
+
+def test_a_fit_grid_solved_without_its_padding_steps_gives_the_same_values_and_gradient() -> None:
+    # subjects with 1 to 6 infusions and follow-up from 28 to 365 days: their node counts differ, so the
+    # padded layout has zero-length steps that the compact solve skips
+    sets = STRESS_SETS[:12]
+    params = {k: jnp.asarray([p[k] for p, _ in sets]) for k in sets[0][0] if k != "n_transit"}
+    follow_up = [28.0, 56.0, 90.0, 120.0, 180.0, 365.0] * 2
+    times = [np.array([d for d in SAMPLING_DAYS["bcell"] if d <= end]) for end in follow_up]
+    grid = make_grid([d for _, d in sets], times, "default", k_tr=0.5, bucket=1)
+    assert len({int(np.sum(np.diff(row) > 0)) for row in grid.nodes}) > 1  # padding is there to skip
+
+    def total(theta, compact):
+        return jnp.sum(jnp.log1p(solve(theta, grid, n_transit=6, compact=compact)[1]))
+
+    padded = np.asarray(solve(params, grid, n_transit=6, compact=False)[1])
+    compact = np.asarray(solve(params, grid, n_transit=6, compact=True)[1])
+    np.testing.assert_allclose(compact, padded, rtol=1e-12, atol=1e-12)
+    g_pad = jax.grad(lambda th: total(th, False))(params)
+    g_com = jax.grad(lambda th: total(th, True))(params)
+    for name in params:
+        np.testing.assert_allclose(np.asarray(g_com[name]), np.asarray(g_pad[name]), rtol=1e-10, atol=1e-14)
+
+
 # --- infusions and the calibration target ----------------------------------------------------------------
 
 
