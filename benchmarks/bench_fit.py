@@ -32,6 +32,12 @@ def main() -> None:
     ap.add_argument("--scenario", choices=("reference", "recovery", "qpcr"), default="reference")
     ap.add_argument("--data", default=None, help="cohort CSV (overrides the scenario's cohort)")
     ap.add_argument("--target-accept", type=float, default=None, help="NUTS target acceptance")
+    ap.add_argument(
+        "--bsv",
+        choices=("file", "estimated"),
+        default="file",
+        help="recovery scenario: BSV on every parameter with a bsv.sd (file) or only on those the fit estimates",
+    )
     ap.add_argument("--out", default=None, help="save the fit folder here")
     args = ap.parse_args()
 
@@ -52,7 +58,12 @@ def main() -> None:
             shift = dict(f_bl=1.5, k_rej=1 / 1.5, B0=1.6, MTT=1 / 1.2)
             truth.update({k: truth[k] * f for k, f in shift.items()})
             cohort, _ = simulate_cohort(
-                spec, n_subjects=20, seed=2024, truth={k: truth[k] for k in shift}, follow_up=365
+                spec,
+                n_subjects=20,
+                seed=2024,
+                truth={k: truth[k] for k in shift},
+                follow_up=365,
+                bsv=args.bsv,
             )
         else:
             cohort, _ = simulate_cohort(spec, "1:1,2:1,3:5,4:13", seed=20241119, dvids=(2, 3))

@@ -415,3 +415,22 @@ def test_demo_first_step_shows_the_synthetic_reference_cohort():
     out = " ".join(buf.getvalue().split())
     assert "20 subjects" in out and "SYNTHETIC cohort: simulated numbers, not trial data" in out
     assert state["cohort"].synthetic and len(state["cohort"].subjects) == 20
+
+
+def test_bsv_estimated_varies_only_the_parameters_a_fit_estimates_with_the_same_deviations():
+    from carnk_pkpd.spec import load_model
+
+    spec = load_model("reference")
+    _, full = simulate_cohort(spec, "1:2,4:6", seed=5, follow_up=60)
+    _, matched = simulate_cohort(spec, "1:2,4:6", seed=5, follow_up=60, bsv="estimated")
+    for name, par in spec.parameters.items():
+        if name == "n_transit" or name not in matched:
+            continue
+        if par.bsv_estimate:
+            np.testing.assert_array_equal(matched[name].values, full[name].values)
+            assert np.ptp(matched[name].values) > 0, name
+        else:
+            assert np.all(matched[name].values == par.typical), name
+    assert np.ptp(full["alpha"].values) > 0  # the file's BSV on alpha is used by default
+    with pytest.raises(ValueError, match="bsv must be"):
+        simulate_cohort(spec, "1:2", seed=5, bsv="all")

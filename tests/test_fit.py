@@ -246,18 +246,39 @@ def test_killing_a_fit_part_way_leaves_fits_as_it_was(small_fit, tmp_path):
     assert load_fit(fits / "run").posterior["B0"].shape == small_fit.posterior["B0"].shape
 
 
-@pytest.mark.slow
-def test_parameter_recovery_on_a_simulated_cohort(tmp_path):
-    """Truth away from the defaults (f_bl x1.5, k_rej /1.5, B0 x1.6, MTT /1.2): 90% intervals cover it."""
+SHIFT = dict(f_bl=1.5, k_rej=1 / 1.5, B0=1.6, MTT=1 / 1.2)  # truth away from the file's typical values
+
+
+def _recovery_fit(bsv: str):
     from carnk_pkpd.cohortsim import simulate_cohort
     from carnk_pkpd.inference import fit
 
     spec = load_model("reference")
-    typ = spec.typical()
-    truth = dict(f_bl=typ["f_bl"] * 1.5, k_rej=typ["k_rej"] / 1.5, B0=typ["B0"] * 1.6, MTT=typ["MTT"] / 1.2)
-    cohort, _ = simulate_cohort(spec, n_subjects=20, seed=2024, truth=truth, follow_up=365)
+    truth = {k: spec.typical()[k] * f for k, f in SHIFT.items()}
+    cohort, _ = simulate_cohort(spec, n_subjects=20, seed=2024, truth=truth, follow_up=365, bsv=bsv)
     result = fit(cohort, spec, draws=1000, tune=1000, chains=4, seed=3, progress=False)
-    s = result.summary().set_index("name")
+    return truth, result.summary().set_index("name")
+
+
+@pytest.mark.slow
+def test_parameter_recovery_when_the_cohort_comes_from_the_fitted_model():
+    """Simulation-estimation: 20 subjects from the statistical model the fit assumes (BSV on f_bl,
+    k_rej, B0, MTT only) at f_bl x1.5, k_rej /1.5, B0 x1.6, MTT /1.2: the 90% intervals cover the truth."""
+    truth, s = _recovery_fit("estimated")
+    for name, value in truth.items():
+        assert s.loc[name, "q05"] <= value <= s.loc[name, "q95"], (name, value, s.loc[name].to_dict())
+    assert s.loc[list(truth), "r_hat"].max() <= 1.01
+
+
+@pytest.mark.slow
+@pytest.mark.xfail(
+    strict=True,
+    reason="measured: with the file's BSV on every parameter (alpha and rho 0.3 log-SD, not estimated) "
+    "the fit puts alpha low (0.119 vs 0.15) and k_rej high: k_rej q05 0.108 > truth 0.100 (seed 2024)",
+)
+def test_parameter_recovery_with_unmodelled_bsv_on_alpha_and_rho():
+    """The same truth, but the cohort also varies in parameters the fit holds at one typical value."""
+    truth, s = _recovery_fit("file")
     for name, value in truth.items():
         assert s.loc[name, "q05"] <= value <= s.loc[name, "q95"], (name, value, s.loc[name].to_dict())
     assert s.loc[list(truth), "r_hat"].max() <= 1.01

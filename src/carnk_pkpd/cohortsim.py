@@ -459,6 +459,7 @@ def simulate_cohort(
     follow_up: float | Sequence[float] | None = None,
     clinical: ClinicalGenerator | None = None,
     design: CohortDesign | None = None,
+    bsv: str = "file",
 ) -> tuple[Cohort, xr.Dataset]:
     """Simulate a SYNTHETIC cohort from a model file.
 
@@ -485,6 +486,11 @@ def simulate_cohort(
     follow_up
         Days of follow-up: None draws each subject's like the trial (median 5 months, 1–12), a number
         fixes it for all, a sequence gives one per subject. Only observations up to it are written.
+    bsv
+        ``"file"``: between-subject variability on every parameter the file gives a ``bsv.sd``;
+        ``"estimated"``: only on those a fit estimates (``bsv.estimate = true``), so the cohort comes
+        from the same statistical model a fit assumes (a parameter-recovery design). The same seed
+        draws the same deviations either way.
     clinical, design
         Generator constants (default :meth:`ClinicalGenerator.from_model`, :class:`CohortDesign`).
 
@@ -521,7 +527,10 @@ def simulate_cohort(
         if not (isinstance(value, (int, float, np.number)) and math.isfinite(float(value)) and value > 0):
             raise ValueError(f"truth: {name} must be a finite number > 0 (found {value!r})")
         typical[name] = float(value)
-    bsv = spec.bsv_sd()
+    if bsv not in ("file", "estimated"):
+        raise ValueError(f"bsv must be 'file' or 'estimated', got {bsv!r}")
+    varies = set(spec.estimated_bsv()) if bsv == "estimated" else set(spec.parameters)
+    bsv_sd = spec.bsv_sd()
     names = list(typical)
     eta = rng.standard_normal((n, len(names)))
     params: dict[str, np.ndarray] = {}
@@ -529,9 +538,9 @@ def simulate_cohort(
         if name == "n_transit":
             continue
         value = np.full(n, float(typical[name]))
-        if bsv[name] > 0:
+        if bsv_sd[name] > 0 and name in varies:
             lo, hi = spec.parameters[name].bounds
-            value = np.clip(value * np.exp(bsv[name] * eta[:, j]), lo, hi)
+            value = np.clip(value * np.exp(bsv_sd[name] * eta[:, j]), lo, hi)
         params[name] = value
     n_transit = int(round(typical["n_transit"]))
 
