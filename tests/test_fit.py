@@ -257,7 +257,11 @@ def _recovery_fit(bsv: str):
     truth = {k: spec.typical()[k] * f for k, f in SHIFT.items()}
     cohort, _ = simulate_cohort(spec, n_subjects=20, seed=2024, truth=truth, follow_up=365, bsv=bsv)
     result = fit(cohort, spec, draws=1000, tune=1000, chains=4, seed=3, progress=False)
-    return truth, result.summary().set_index("name")
+    summary = result.summary().set_index("name")
+    print(
+        f"bsv={bsv}: truth {truth}\n{summary.loc[list(truth), ['q05', 'q50', 'q95', 'r_hat']]}"
+    )  # -s shows it
+    return truth, summary
 
 
 @pytest.mark.slow
