@@ -43,7 +43,7 @@ def main() -> None:
 
     from carnk_pkpd.data import embedded_cohort_path, read_cohort
     from carnk_pkpd.fits import save_fit
-    from carnk_pkpd.inference import fit
+    from carnk_pkpd.inference import TARGET_ACCEPT, fit
     from carnk_pkpd.spec import load_model
 
     spec = load_model("reference")
@@ -69,7 +69,6 @@ def main() -> None:
             cohort, _ = simulate_cohort(spec, "1:1,2:1,3:5,4:13", seed=20241119, dvids=(2, 3))
             truth["copies_per_cell"] = spec.observations[3].conversion.typical
         path = f"simulated in memory ({args.scenario} scenario)"
-    extra = {} if args.target_accept is None else {"target_accept": args.target_accept}
     t0 = time.perf_counter()
     result = fit(
         cohort,
@@ -79,7 +78,7 @@ def main() -> None:
         chains=args.chains,
         seed=args.seed,
         progress=False,
-        **extra,
+        target_accept=TARGET_ACCEPT if args.target_accept is None else args.target_accept,
     )
     wall = time.perf_counter() - t0
     d = result.diagnostics

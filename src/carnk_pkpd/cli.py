@@ -196,6 +196,7 @@ def run_fit(
 
     from carnk_pkpd.diagnostics import render_diagnostics
     from carnk_pkpd.fits import save_fit
+    from carnk_pkpd.inference import TARGET_ACCEPT
     from carnk_pkpd.inference import fit as fit_model
 
     dest = Path(out)
@@ -214,7 +215,7 @@ def run_fit(
             seed=seed,
             progress=False,
             on_stage=lambda s: bar.update(task, description=s),
-            **({} if target_accept is None else {"target_accept": target_accept}),
+            target_accept=TARGET_ACCEPT if target_accept is None else target_accept,
         )
     t = result.manifest["timings"]
     console.print(

@@ -187,12 +187,10 @@ def build_model(spec: ModelSpec, data: ObservationData, *, accuracy: str = "defa
     from carnk_pkpd.structural.solve import make_grid, solve
 
     n_transit = int(round(spec.parameters["n_transit"].typical))
-    mtt = spec.parameters["MTT"]
-    spread = (mtt.prior or {}).get("sigma", 0.0) + mtt.bsv_sd if not mtt.fixed else mtt.bsv_sd
-    k_tr_max = n_transit / (mtt.typical * np.exp(-2.5 * spread))  # fastest plausible transit rate
-    grid = make_grid(
-        data.doses, data.times, accuracy, k_tr=k_tr_max, k_kill=_rate_bound(spec, "k_kmax"), bucket=1
-    )
+    # the fastest plausible transit and kill rates (1/day) size the grid, which serves every draw
+    k_tr_max = n_transit / spec.parameters["MTT"].typical * np.exp(_log_spread(spec, "MTT"))
+    k_kill_max = spec.parameters["k_kmax"].typical * np.exp(_log_spread(spec, "k_kmax"))
+    grid = make_grid(data.doses, data.times, accuracy, k_tr=k_tr_max, k_kill=k_kill_max, bucket=1)
     n_out = grid.times.shape[1]
     flat = data.subject_index * n_out + data.time_index
     names = [p for p in spec.parameters if p != "n_transit"]
@@ -235,14 +233,13 @@ def build_model(spec: ModelSpec, data: ObservationData, *, accuracy: str = "defa
     return model
 
 
-def _rate_bound(spec: ModelSpec, name: str) -> float:
-    """A high plausible value of a rate parameter (typical value times 2.5 prior + BSV log-SDs), used
-    to size the fixed integration grid of a fit."""
+def _log_spread(spec: ModelSpec, name: str) -> float:
+    """2.5 log-scale SDs of a parameter as a fit sees it (prior SD unless fixed, plus the BSV SD where
+    the fit estimates it): how far from the typical value the fixed integration grid must still
+    resolve."""
     par = spec.parameters[name]
-    spread = (0.0 if par.fixed else (par.prior or {}).get("sigma", 0.0)) + (
-        par.bsv_sd if par.bsv_estimate else 0.0
-    )
-    return float(par.typical * np.exp(2.5 * spread))
+    prior_sd = 0.0 if par.fixed else (par.prior or {}).get("sigma", 0.0)
+    return 2.5 * (prior_sd + (par.bsv_sd if par.bsv_estimate else 0.0))
 
 
 def normal_lcdf(z):
