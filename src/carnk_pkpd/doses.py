@@ -733,7 +733,7 @@ def write_results(ds: xr.Dataset, out: str | Path, *, overwrite: bool = True) ->
     from carnk_pkpd.plots_doses import plot_all
 
     dest = Path(out)
-    with atomic_folder(dest, overwrite=overwrite) as tmp:
+    with atomic_folder(dest, overwrite=overwrite, kind="doses", command="doses", needs_overwrite=False) as tmp:
         ranking_table(ds).to_csv(tmp / "ranking.csv", index=False)
         (tmp / "about.txt").write_text(describe(ds) + "\n", encoding="utf-8")
         ds.to_netcdf(tmp / "doses.nc")

@@ -46,3 +46,20 @@ class ModelFileError(ValueError):
 
 class FitError(RuntimeError):
     """A saved fit folder is damaged or incompatible; the message names the file."""
+
+
+class OutputRefused(Exception):
+    """A command refused to write because something that is not its own output would be lost.
+
+    The message names the path, says what would be lost and how to proceed; nothing was written.
+    """
+
+
+class OutputExists(OutputRefused, FileExistsError):
+    """The command's own earlier output exists and replacing it needs ``overwrite`` (``--overwrite``)."""
+
+    def __init__(self, message: str):
+        Exception.__init__(self, message)
+
+    def __str__(self) -> str:
+        return str(self.args[0])

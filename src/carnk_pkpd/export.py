@@ -17,8 +17,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -298,66 +296,89 @@ def _json_safe(df: pd.DataFrame) -> list[dict[str, Any]]:
     return json.loads(df.to_json(orient="records", double_precision=10))
 
 
+#: The files each format writes (checked against the output rule before any work).
+EXPORT_FILES = {
+    "csv": ("parameters.csv", "subjects.csv", "sdtab.csv"),
+    "json": ("export.json",),
+    "md": ("export.md",),
+    "tex": ("parameters.tex", "subjects.tex", "sdtab.tex"),
+    "nc": ("posterior.nc", "posterior_predictive.nc"),
+}
+
+
+def export_folder(fit: Any, out: str | os.PathLike | None = None) -> Path:
+    """The folder an export goes to: ``out``, or ``<fit>/export/`` by default."""
+    if out is None:
+        if fit.path is None:
+            raise ValueError("the fit has no folder; give an output folder")
+        return Path(fit.path) / "export"
+    return Path(out)
+
+
 def write_export(
     fit: Any, fmt: str, out: str | os.PathLike | None = None, *, n_draws: int = 200, seed: int = 0
 ) -> list[Path]:
     """Write the fit's tables (or, for ``nc``, posterior and posterior predictive) in format ``fmt``.
 
-    Default folder ``<fit>/export/``. Files are written to a temporary folder beside it, then moved
-    into place one by one with ``os.replace``, so readers never see half-written files.
+    Default folder ``<fit>/export/``. The output rule of :mod:`carnk_pkpd.atomic` applies: a new
+    folder is created whole; in an existing folder only new names or this command's own earlier
+    export files are replaced (never a fit's own files), else :class:`~carnk_pkpd.errors.OutputRefused`
+    is raised before any work. Files are written to a temporary folder, then moved into place with
+    ``os.replace``. Every file carries provenance (SYNTHETIC marker, package version, fit hash).
     Returns the written paths.
     """
+    from carnk_pkpd.atomic import check_output_files, output_files
+    from carnk_pkpd.provenance import provenance, provenance_lines, write_csv
+
     if fmt not in FORMATS:
         raise ValueError(f"format {fmt!r} is not one of {', '.join(FORMATS)}")
-    if out is None:
-        if fit.path is None:
-            raise ValueError("the fit has no folder; give an output folder")
-        out = Path(fit.path) / "export"
-    dest = Path(out)
-    dest.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=".export.tmp-", dir=dest))
+    dest = export_folder(fit, out)
+    check_output_files(dest, EXPORT_FILES[fmt], command="export")
     note = "SYNTHETIC data: simulated patients, not trial data. " if fit.synthetic else ""
-    try:
-        from carnk_pkpd.predictive import posterior_predictive
+    prov = provenance(fit, command=f"export --format {fmt}")
+    lines = provenance_lines(fit, command=f"export --format {fmt}")
+    from carnk_pkpd.predictive import posterior_predictive
 
-        ppc = posterior_predictive(fit, n_draws, seed)
+    ppc = posterior_predictive(fit, n_draws, seed)
+    if fmt != "nc":
+        tables = {
+            "parameters": parameter_table(fit),
+            "subjects": subject_table(fit, min(n_draws, 50), seed),
+            "sdtab": sdtab(fit, n_draws, seed, ppc=ppc),
+        }
+    with output_files(dest, command="export", kind="export") as tmp:
         if fmt == "nc":
-            fit.idata.to_netcdf(tmp / "posterior.nc", engine="netcdf4")
+            idata = fit.idata.copy()
+            idata.attrs = {**dict(fit.idata.attrs), **prov}
+            idata.to_netcdf(tmp / "posterior.nc", engine="netcdf4")
             pp = ppc.copy()
             for k in ("ID",):
                 pp[k] = pp[k].astype(str)
+            pp.attrs.update(prov)
             pp.attrs.update(synthetic=int(fit.synthetic), seed=seed, n_draws=int(ppc.sizes["sample"]))
             pp.to_netcdf(tmp / "posterior_predictive.nc", engine="netcdf4")
-        else:
-            tables = {
-                "parameters": parameter_table(fit),
-                "subjects": subject_table(fit, min(n_draws, 50), seed),
-                "sdtab": sdtab(fit, n_draws, seed, ppc=ppc),
+        elif fmt == "csv":
+            for name, df in tables.items():
+                write_csv(df, tmp / f"{name}.csv", lines)
+        elif fmt == "json":
+            doc = {
+                "synthetic": fit.synthetic,
+                "note": note + "OMEGA as log-scale SD; SIGMA as SD; shrinkage = 1 − SD(E[ω·η_i])/E[ω].",
+                "provenance": prov,
+                "diagnostics": fit.diagnostics.to_dict() if fit.diagnostics is not None else None,
+                "manifest": fit.manifest,
+                **{k: _json_safe(v) for k, v in tables.items()},
             }
-            if fmt == "csv":
-                for name, df in tables.items():
-                    df.to_csv(tmp / f"{name}.csv", index=False)
-            elif fmt == "json":
-                doc = {
-                    "synthetic": fit.synthetic,
-                    "note": note + "OMEGA as log-scale SD; SIGMA as SD; shrinkage = 1 − SD(E[ω·η_i])/E[ω].",
-                    "diagnostics": fit.diagnostics.to_dict() if fit.diagnostics is not None else None,
-                    "manifest": fit.manifest,
-                    **{k: _json_safe(v) for k, v in tables.items()},
-                }
-                (tmp / "export.json").write_text(json.dumps(doc, indent=1, default=str), encoding="utf-8")
-            elif fmt == "md":
-                parts = [f"# Fit export{' (SYNTHETIC)' if fit.synthetic else ''}\n", note]
-                for name, df in tables.items():
-                    parts += [f"\n## {name}\n\n", to_markdown(df)]
-                (tmp / "export.md").write_text("".join(parts), encoding="utf-8")
-            else:  # tex
-                for name, df in tables.items():
-                    (tmp / f"{name}.tex").write_text(to_latex(df, f"{note}{name}"), encoding="utf-8")
-        written = []
-        for f in sorted(tmp.iterdir()):
-            os.replace(f, dest / f.name)
-            written.append(dest / f.name)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return written
+            (tmp / "export.json").write_text(json.dumps(doc, indent=1, default=str), encoding="utf-8")
+        elif fmt == "md":
+            parts = [f"# Fit export{' (SYNTHETIC)' if fit.synthetic else ''}\n", note]
+            parts += ["\n", *(f"<!-- {line} -->\n" for line in lines)]
+            for name, df in tables.items():
+                parts += [f"\n## {name}\n\n", to_markdown(df)]
+            (tmp / "export.md").write_text("".join(parts), encoding="utf-8")
+        else:  # tex
+            head = "".join(f"% {line}\n" for line in lines)
+            for name, df in tables.items():
+                (tmp / f"{name}.tex").write_text(head + to_latex(df, f"{note}{name}"), encoding="utf-8")
+        names = sorted(p.name for p in tmp.iterdir() if not p.name.startswith("."))
+    return [dest / n for n in names]

@@ -222,13 +222,16 @@ def save_fit(fit: Fit, path: str | os.PathLike, *, overwrite: bool = False) -> P
     """Write ``fit`` to the folder ``path`` atomically (temporary sibling folder, then rename)."""
     from carnk_pkpd.atomic import atomic_folder
     from carnk_pkpd.data import write_cohort
+    from carnk_pkpd.provenance import provenance_lines, write_csv
 
     dest = Path(path)
-    with atomic_folder(dest, overwrite=overwrite) as tmp:
+    with atomic_folder(dest, overwrite=overwrite, kind="fit", command="fit") as tmp:
         (tmp / "model.toml").write_text(fit.spec.text, encoding="utf-8")
         write_cohort(fit.cohort, tmp / "data.csv")
-        fit.idata.to_netcdf(tmp / "posterior.nc", engine="netcdf4")
-        fit.summary().to_csv(tmp / "summary.csv", index=False)
+        idata = fit.idata.copy()  # root attributes carry the provenance (SYNTHETIC, version, data hash)
+        idata.attrs = {**dict(fit.idata.attrs), **_root_attrs(fit)}
+        idata.to_netcdf(tmp / "posterior.nc", engine="netcdf4")
+        write_csv(fit.summary(), tmp / "summary.csv", provenance_lines(synthetic=fit.synthetic, command="fit"))
         manifest = dict(fit.manifest)
         manifest.update(
             format_version=FORMAT_VERSION,
@@ -242,6 +245,18 @@ def save_fit(fit: Fit, path: str | os.PathLike, *, overwrite: bool = False) -> P
     fit.path = dest
     fit.manifest = manifest
     return dest
+
+
+def _root_attrs(fit: Fit) -> dict[str, Any]:
+    """Provenance for the root group of ``posterior.nc``."""
+    from carnk_pkpd.provenance import provenance
+
+    out = provenance(synthetic=fit.synthetic, command="fit")
+    for key in ("data_sha256", "model_sha256", "model_name", "created", "seed"):
+        value = fit.manifest.get(key)
+        if value is not None:
+            out[key] = value
+    return out
 
 
 def _json_default(o: Any):
@@ -275,16 +290,32 @@ def load_fit(path: str | os.PathLike) -> Fit:
         raise FitError(f"{mpath}: missing; this folder is not a complete fit") from None
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise FitError(f"{mpath}: damaged ({e})") from None
+    except OSError as e:
+        raise FitError(f"{mpath}: cannot be read ({e.strerror or e})") from None
+    if not isinstance(manifest, dict):
+        raise FitError(f"{mpath}: damaged (expected a JSON object, found {type(manifest).__name__})")
     if manifest.get("format_version") != FORMAT_VERSION:
         raise FitError(
             f"{mpath}: format_version {manifest.get('format_version')!r} is not supported "
             f"(expected {FORMAT_VERSION}); refit with this version of carnk_pkpd"
         )
-    for name, digest in (manifest.get("files") or {}).items():
+    files = manifest.get("files")
+    if not isinstance(files, dict) or not all(isinstance(v, str) for v in files.values()):
+        raise FitError(f"{mpath}: key 'files': damaged (expected a mapping of file name to SHA-256)")
+    for name in FILES:
+        if name != "manifest.json" and name not in files:
+            raise FitError(f"{mpath}: key 'files': {name} is not listed; this folder is not a complete fit")
+    for name, digest in files.items():
         f = folder / name
-        if not f.exists():
+        if Path(name).name != name:
+            raise FitError(f"{mpath}: key 'files': {name!r} is not a file name in the fit folder")
+        if not f.is_file():
             raise FitError(f"{f}: missing from the fit folder")
-        if sha256(f) != digest:
+        try:
+            actual = sha256(f)
+        except OSError as e:
+            raise FitError(f"{f}: cannot be read ({e.strerror or e})") from None
+        if actual != digest:
             raise FitError(f"{f}: damaged (its SHA-256 differs from manifest.json)")
     try:
         spec = load_model(folder / "model.toml")
@@ -301,6 +332,34 @@ def load_fit(path: str | os.PathLike) -> Fit:
     diag = manifest.get("diagnostics")
     diagnostics = None
     if diag:
-        diag = {k: v for k, v in diag.items() if k != "ok"}
-        diagnostics = Diagnostics(**diag)
+        try:
+            diag = {k: v for k, v in diag.items() if k != "ok"}
+            diagnostics = Diagnostics(**diag)
+        except (AttributeError, TypeError, ValueError) as e:
+            raise FitError(f"{mpath}: key 'diagnostics': damaged ({e})") from None
+    _check_posterior(idata, spec, cohort, folder)
     return Fit(spec=spec, cohort=cohort, idata=idata, diagnostics=diagnostics, manifest=manifest, path=folder)
+
+
+def _check_posterior(idata: Any, spec: Any, cohort: Any, folder: Path) -> None:
+    """The posterior must match the model and data of the folder (names the file and the variable)."""
+    where = folder / "posterior.nc"
+    if "posterior" not in getattr(idata, "children", {}):
+        raise FitError(f"{where}: no 'posterior' group; this is not a posterior written by 'carnk-pkpd fit'")
+    post = idata["posterior"]
+    for dim in ("chain", "draw"):
+        if dim not in post.dims or post.sizes[dim] < 1:
+            raise FitError(f"{where}: group 'posterior' has no {dim!r} dimension")
+    for name in spec.free_parameters():
+        if name == "n_transit":
+            continue
+        if name not in post.data_vars:
+            raise FitError(
+                f"{where}: variable {name!r} (estimated in model.toml) is missing; the posterior and "
+                "model.toml do not belong together"
+            )
+    if "subject" in post.dims and post.sizes["subject"] != len(cohort.subjects):
+        raise FitError(
+            f"{where}: {post.sizes['subject']} subjects in the posterior but {len(cohort.subjects)} in "
+            "data.csv; the posterior and data.csv do not belong together"
+        )
