@@ -1,10 +1,24 @@
 """The ``carnk-pkpd`` command line (typer for arguments, rich for tables and progress).
 
-Exit codes: 0 success, 1 the input or the result fails its checks, 2 usage errors.
-Each sub-command lives in its own section below and calls the public API; no science is done here.
+One error contract for every command:
+
+* exit 0: success;
+* exit 1: bad input: a cohort file, a fit folder, a model (name or file), a grid, a file that would be
+  lost by writing (see :mod:`carnk_pkpd.atomic`), or a result that fails its checks (``--strict``);
+* exit 2: usage: an unknown option, a malformed or out-of-range option value;
+* exit 130: interrupted (Ctrl-C); temporary output is removed, earlier results are untouched.
+
+Every message starts with ``Error:`` and names the file (with row/column or key where it applies); no
+input a user can give ends in a traceback. Each sub-command lives in its own section below and calls
+the public API; no science is done here.
 """
 
 from __future__ import annotations
+
+import math
+import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 import typer
 
@@ -33,6 +47,97 @@ def _root(
     ),
 ) -> None:
     """carnk-pkpd command line."""
+
+
+# --- shared: errors, warnings, progress lines --------------------------------------------------------
+
+
+def _fail(message: str, code: int = 1) -> typer.Exit:
+    """Print ``Error: message`` to stderr; the caller raises the returned exit (1 bad input, 2 usage)."""
+    typer.echo(f"Error: {message}", err=True)
+    return typer.Exit(code)
+
+
+def _usage_error(message: str) -> typer.Exit:
+    """Print ``Error: message`` to stderr; the caller raises the returned exit code 2."""
+    return _fail(message, 2)
+
+
+def _check_number(option: str, value: float, *, low: float = 0.0, strict: bool = False) -> None:
+    """Exit 2 unless ``value`` is finite and ``>= low`` (``> low`` when ``strict``)."""
+    ok = math.isfinite(value) and (value > low if strict else value >= low)
+    if not ok:
+        raise _usage_error(f"{option} must be a number {'>' if strict else '>='} {low:g} (found {value:g})")
+
+
+def _stderr_console():
+    from rich.console import Console
+
+    return Console(stderr=True)
+
+
+_NOISE = (DeprecationWarning, PendingDeprecationWarning, FutureWarning, ImportWarning, ResourceWarning)
+
+
+@contextmanager
+def _warnings_table(title: str = "Warnings") -> Iterator[list]:
+    """Collect warnings raised inside (data warnings, BSV identifiability, numerical warnings) and print
+    them once, as one short table on stderr, instead of Python's one-per-line warnings with source lines.
+    Library deprecation notices are dropped."""
+    import warnings
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for category in _NOISE:
+            warnings.simplefilter("ignore", category)
+        try:
+            yield caught
+        finally:
+            _print_warnings(caught, title)
+
+
+def _print_warnings(caught: list, title: str, limit: int = 8) -> None:
+    from rich.table import Table
+
+    seen: dict[str, int] = {}
+    kinds: dict[str, str] = {}
+    for w in caught:
+        text = str(w.message).strip()
+        seen[text] = seen.get(text, 0) + 1
+        kinds[text] = w.category.__name__.removesuffix("Warning") or "Warning"
+    if not seen:
+        return
+    table = Table(title=f"{title} ({sum(seen.values())})", title_justify="left", show_lines=False)
+    table.add_column("kind", no_wrap=True)
+    table.add_column("warning", overflow="fold")
+    for text in list(seen)[:limit]:
+        n = seen[text]
+        table.add_row(kinds[text], text + (f" (x{n})" if n > 1 else ""))
+    if len(seen) > limit:
+        table.add_row("", f"... and {len(seen) - limit} more (run 'carnk-pkpd validate FILE' to list all)")
+    _stderr_console().print(table)
+
+
+@contextmanager
+def _step(console, text: str) -> Iterator[None]:
+    """A progress line for work that takes more than a moment: a spinner on a terminal, else one line."""
+    if console.is_terminal:
+        with console.status(text):
+            yield
+    else:
+        console.print(f"{text} ...")
+        yield
+
+
+def _load_fit_or_exit(folder: str):
+    """Load a fit folder, or print ``Error: ...`` and exit 1 when it is missing or damaged."""
+    from carnk_pkpd.errors import FitError
+    from carnk_pkpd.fits import load_fit
+
+    try:
+        return load_fit(folder)
+    except FitError as exc:
+        raise _fail(str(exc), 1) from None
 
 
 # --- validate (data) --------------------------------------------------------------------------------
@@ -83,12 +188,6 @@ def validate_cmd(files: list[str] = _VALIDATE_FILES) -> None:
 # --- simulate (structural) ---------------------------------------------------------------------------
 
 
-def _usage_error(message: str) -> typer.Exit:
-    """Print ``Error: message`` to stderr; the caller raises the returned exit code 2."""
-    typer.echo(f"Error: {message}", err=True)
-    return typer.Exit(2)
-
-
 def _parse_dvids(text: str) -> tuple[int, ...]:
     """``"1,2"`` → ``(1, 2)``; only the concentration measures 1, 2 and 3."""
     out: list[int] = []
@@ -106,8 +205,10 @@ def _parse_dvids(text: str) -> tuple[int, ...]:
 
 @app.command("simulate")
 def simulate_cmd(
-    out: str = typer.Option(..., "--out", help="Cohort CSV to write (replaced atomically if it exists)."),
-    model: str = typer.Option("reference", "--model", help="Model name (models/<name>.toml) or path."),
+    out: str = typer.Option(
+        ..., "--out", help="Cohort CSV to write (an earlier 'simulate' output is replaced; nothing else is)."
+    ),
+    model: str = typer.Option("reference", "--model", help="Model name (e.g. reference) or a .toml path."),
     dose_levels: str | None = typer.Option(
         None,
         "--dose-levels",
@@ -130,9 +231,10 @@ def simulate_cmd(
 
     from rich.console import Console
 
+    from carnk_pkpd.atomic import check_output_files, output_files
     from carnk_pkpd.cohortsim import parse_dose_levels, simulate_cohort
     from carnk_pkpd.data import read_cohort, render_summary, write_cohort
-    from carnk_pkpd.errors import DataError, ModelFileError
+    from carnk_pkpd.errors import DataError, ModelFileError, OutputRefused
     from carnk_pkpd.spec import ModelFileProblems, load_model
 
     try:
@@ -150,22 +252,29 @@ def simulate_cmd(
     if not target.parent.is_dir():
         raise _usage_error(f"--out {out}: folder {target.parent} does not exist")
     try:
+        check_output_files(target.parent, [target.name], command="simulate")
+    except OutputRefused as exc:
+        raise _fail(str(exc), 1) from None
+    try:
         spec = load_model(model)
     except ModelFileProblems as exc:
         typer.echo(str(exc), err=True)
         raise typer.Exit(1) from None
     except (ModelFileError, OSError) as exc:
-        raise _usage_error(f"--model {model}: {exc}") from None
+        raise _fail(f"--model {model}: {exc}", 1) from None
     try:
         cohort, _ = simulate_cohort(spec, levels, n_subjects, seed, dvids=wanted_dvids, follow_up=follow_up)
     except ValueError as exc:
         raise _usage_error(str(exc)) from None
     try:
-        path = write_cohort(cohort, target)
+        with output_files(target.parent, command="simulate") as tmp:
+            write_cohort(cohort, tmp / target.name)
+        path = target
         written = read_cohort(path)
+    except OutputRefused as exc:
+        raise _fail(str(exc), 1) from None
     except (OSError, DataError) as exc:
-        typer.echo(f"Error: could not write {out}: {exc}", err=True)
-        raise typer.Exit(1) from None
+        raise _fail(f"could not write {out}: {exc}", 1) from None
     console = Console()
     render_summary(written, console)
     console.print(
@@ -189,23 +298,52 @@ def run_fit(
     console,
     target_accept: float | None = None,
 ):
-    """Fit, show diagnostics and the summary, save atomically; returns the Fit (shared with demo)."""
+    """Fit, show diagnostics and the summary, save atomically; returns the Fit (shared with demo).
+
+    The output folder is checked against the output rule before any work (an existing fit needs
+    ``overwrite``; a folder that is not a fit is never replaced).
+    """
+    import time
     from pathlib import Path
 
-    from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
+    from rich.progress import BarColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 
+    from carnk_pkpd.atomic import check_folder_output
     from carnk_pkpd.diagnostics import render_diagnostics
     from carnk_pkpd.fits import save_fit
     from carnk_pkpd.inference import TARGET_ACCEPT
     from carnk_pkpd.inference import fit as fit_model
+    from carnk_pkpd.progress import sampler_status
 
     dest = Path(out)
-    if dest.exists() and not overwrite:
-        raise FileExistsError(f"{dest} exists; pass --overwrite to replace it")
+    check_folder_output(dest, "fit", command="fit", overwrite=overwrite, needs_overwrite=True)
+    live = console.is_terminal
     with Progress(
-        SpinnerColumn(), TextColumn("{task.description}"), TimeElapsedColumn(), console=console
+        SpinnerColumn(),
+        TextColumn("{task.description}"),
+        BarColumn(bar_width=20),
+        TimeElapsedColumn(),
+        console=console,
+        transient=True,
     ) as bar:
         task = bar.add_task("reading data", total=None)
+        state = {"t0": None, "shown": -1}
+
+        def on_stage(text: str) -> None:
+            bar.update(task, description=text)
+            if not live:
+                console.print(f"fit: {text}")
+
+        def on_progress(chain_progress: list) -> None:
+            if state["t0"] is None:
+                state["t0"] = time.perf_counter()
+            st = sampler_status(chain_progress, state["t0"])
+            bar.update(task, description=st.describe(), completed=st.done, total=max(st.total, 1))
+            tenth = int(10 * st.done / max(st.total, 1))
+            if not live and tenth > state["shown"]:
+                state["shown"] = tenth
+                console.print(f"fit: {st.describe()}")
+
         result = fit_model(
             data,
             model,
@@ -214,13 +352,16 @@ def run_fit(
             chains=chains,
             seed=seed,
             progress=False,
-            on_stage=lambda s: bar.update(task, description=s),
+            on_stage=on_stage,
+            on_progress=on_progress,
             target_accept=TARGET_ACCEPT if target_accept is None else target_accept,
         )
     t = result.manifest["timings"]
+    n_div = result.diagnostics.to_dict().get("divergences") if result.diagnostics is not None else None
     console.print(
         f"compile {t['compile_seconds']:.1f} s, sampling {t['sampling_seconds']:.1f} s, "
         f"min bulk ESS per second {t['min_ess_bulk_per_second']}"
+        + (f", {n_div} divergences" if n_div is not None else "")
     )
     if result.synthetic:
         console.print(
@@ -228,30 +369,35 @@ def run_fit(
         )
     _print_summary(result, console)
     render_diagnostics(result.diagnostics, console)
-    path = save_fit(result, dest, overwrite=overwrite)
+    with _step(console, f"saving the fit to {dest}"):
+        path = save_fit(result, dest, overwrite=overwrite)
     console.print(f"saved fit to {path}/ (posterior.nc, model.toml, data.csv, summary.csv, manifest.json)")
     return result
 
 
 def _print_summary(result, console) -> None:
+    """The posterior summary, readable at 80 columns: names are never cut (units fold instead)."""
+    from rich import box
     from rich.table import Table
 
     df = result.summary()
-    table = Table(title="Population parameters (posterior)")
-    for col in ("name", "unit", "mean", "q05", "q50", "q95", "ess_bulk", "r_hat"):
-        table.add_column(col, justify="left" if col in ("name", "unit") else "right")
+    width = max([len("name"), *(len(str(n)) for n in df["name"])])
+    table = Table(title="Population parameters (posterior)", box=box.SIMPLE_HEAD, pad_edge=False)
+    table.add_column("name", no_wrap=True, min_width=width)
+    table.add_column("unit", overflow="fold", max_width=14)
+    for col in ("median", "90% interval", "ESS", "R-hat"):
+        table.add_column(col, justify="right", no_wrap=True)
     for _, r in df.iterrows():
         table.add_row(
-            r["name"],
-            r["unit"],
-            f"{r['mean']:.4g}",
-            f"{r['q05']:.4g}",
-            f"{r['q50']:.4g}",
-            f"{r['q95']:.4g}",
-            f"{r['ess_bulk']:.0f}",
-            f"{r['r_hat']:.3f}",
+            str(r["name"]),
+            str(r["unit"]),
+            f"{r['q50']:.3g}",
+            f"{r['q05']:.3g}-{r['q95']:.3g}",
+            f"{r['ess_bulk']:.0f}" if math.isfinite(r["ess_bulk"]) else "-",
+            f"{r['r_hat']:.2f}" if math.isfinite(r["r_hat"]) else "-",
         )
     console.print(table)
+    console.print("median and 90% interval; omega_* are BSV SDs (log scale), sigma_* residual SDs")
 
 
 @app.command("fit")
@@ -272,17 +418,19 @@ def fit_cmd(
     """Fit the hierarchical model to a cohort with NUTS (nutpie) and save the fit folder."""
     from rich.console import Console
 
-    from carnk_pkpd.errors import DataError, ModelFileError
+    from carnk_pkpd.errors import DataError, ModelFileError, OutputRefused
 
     console = Console()
     try:
-        result = run_fit(data, model, out, draws, tune, chains, seed, overwrite, console, target_accept)
+        with _warnings_table("Warnings about the data and the fit"):
+            result = run_fit(data, model, out, draws, tune, chains, seed, overwrite, console, target_accept)
     except DataError as e:
         typer.echo(str(e), err=True)
         raise typer.Exit(1) from None
-    except (ModelFileError, FileExistsError, ValueError) as e:
-        typer.echo(f"Error: {e}", err=True)
-        raise typer.Exit(1) from None
+    except (ModelFileError, OutputRefused, ValueError) as e:
+        raise _fail(str(e), 1) from None
+    except OSError as e:
+        raise _fail(f"{e.filename or out}: {e.strerror or e}", 1) from None
     if strict and not result.diagnostics.ok:
         typer.echo("Error: the fit fails its diagnostics (--strict)", err=True)
         raise typer.Exit(1)
@@ -293,15 +441,15 @@ def fit_cmd(
 
 def _predict_fail(message: str, code: int) -> typer.Exit:
     """Print ``Error: message`` to stderr and return the exit (2 usage, 1 bad input)."""
-    typer.echo(f"Error: {message}", err=True)
-    return typer.Exit(code)
+    return _fail(message, code)
 
 
-def _write_csv_atomic(df, path) -> None:  # noqa: ANN001 - pandas DataFrame, pathlib.Path
-    """Write ``df`` to ``path`` via a temporary sibling file and ``os.replace``."""
-    from carnk_pkpd.atomic import write_file_atomic
-
-    write_file_atomic(path, lambda tmp: df.to_csv(tmp, index=False, float_format="%.6g"))
+def _max_visit_day(spec) -> float:  # noqa: ANN001 - ModelSpec
+    """The last day the model simulates clinical visits (``simulation.clinical_days`` and
+    ``bcell_days_extended``): predictions beyond it would extrapolate the remission link."""
+    sim = getattr(spec, "simulation", {}) or {}
+    days = [float(d) for k in ("clinical_days", "bcell_days_extended") for d in (sim.get(k) or [])]
+    return max([365.0, *days])
 
 
 @app.command("predict")
@@ -314,7 +462,9 @@ def predict_cmd(
     infusions: int = typer.Option(3, "--infusions", help="Number of infusions."),
     ld_scale: float = typer.Option(1.0, "--ld-scale", help="Lymphodepletion kill scale (1 = Cy/Flu)."),
     visits: str = typer.Option("180,365", "--visits", help="Visit days, comma-separated."),
-    out: str = typer.Option(".", "--out", help="Folder for remission.csv (default: current folder)."),
+    out: str = typer.Option(
+        ".", "--out", help="Folder for remission.csv (created if missing; default: current folder)."
+    ),
     seed: int = typer.Option(0, "--seed", help="Random seed."),
     n_patients: int = typer.Option(20, "--patients", help="Virtual patients per posterior draw."),
     published: str | None = typer.Option(
@@ -329,14 +479,12 @@ def predict_cmd(
     """
     from pathlib import Path
 
-    import pandas as pd
     from rich.console import Console
-    from rich.table import Table
 
-    from carnk_pkpd.errors import FitError
-    from carnk_pkpd.fits import load_fit
+    from carnk_pkpd.atomic import check_output_files, output_files
+    from carnk_pkpd.errors import FitError, OutputRefused
+    from carnk_pkpd.provenance import provenance_lines, write_csv
     from carnk_pkpd.regimen import Regimen
-    from carnk_pkpd.remission import predict_by_dose_level, predict_remission, prediction_table
 
     try:
         days = [float(v) for v in visits.split(",") if v.strip()]
@@ -355,40 +503,73 @@ def predict_cmd(
     if n_patients < 1:
         raise _predict_fail(f"--patients must be >= 1 (found {n_patients})", 2)
     out_dir = Path(out)
-    if not out_dir.is_dir():
-        raise _predict_fail(f"--out {out}: not an existing folder", 2)
-    if published is not None and not Path(published).is_file():
-        raise _predict_fail(f"--published {published}: file not found", 2)
-    if not Path(fit_dir).is_dir():
-        raise _predict_fail(
-            f"{fit_dir}: not a fit folder (expected a directory written by 'carnk-pkpd fit')", 2
-        )
     try:
-        fit = load_fit(fit_dir)
-    except FitError as exc:
-        raise _predict_fail(str(exc), 1) from None
+        check_output_files(out_dir, ["remission.csv"], command="predict")
+    except OutputRefused as exc:
+        raise _fail(str(exc), 1) from None
+    if published is not None and not Path(published).is_file():
+        raise _predict_fail(f"--published {published}: file not found", 1)
+    fit = _load_fit_or_exit(fit_dir)
+    horizon = _max_visit_day(fit.spec)
+    if any(d > horizon for d in days):
+        raise _predict_fail(
+            f"--visits: day {max(days):g} is beyond the last visit the model simulates (day {horizon:g}: "
+            f"simulation.clinical_days and bcell_days_extended in {fit.path}/model.toml); choose visits up to "
+            f"day {horizon:g}",
+            2,
+        )
     console = Console()
     tag = "[bold red]SYNTHETIC[/] " if fit.synthetic else ""
     try:
-        if regimen is not None:
-            ds = predict_remission(fit, regimen, days, n_patients, seed, published=published)
-            table = prediction_table(ds, regimen)
-            title = f"{tag}Remission for a new patient: {regimen.label}"
-        else:
-            ds = predict_by_dose_level(fit, days, n_patients, seed, published=published)
-            parts = []
-            for lab in ds["dose_level"].values:
-                sub = ds.sel(dose_level=lab)
-                reg = Regimen(float(sub["dose"]), float(sub["interval"]), int(sub["n_infusions"]), 1.0)
-                parts.append(prediction_table(sub, reg).assign(dose_level=str(lab)))
-            table = pd.concat(parts, ignore_index=True)
-            title = f"{tag}Remission for a new patient, by dose level"
-    except ValueError as exc:
+        with _warnings_table(), _step(console, "predicting remission (fits the remission link once per fit)"):
+            ds, table, title = _predict(fit, regimen, days, n_patients, seed, published, tag)
+    except (ValueError, FitError) as exc:
         raise _predict_fail(str(exc), 1) from None
+    except OSError as exc:
+        raise _predict_fail(f"{exc.filename or fit_dir}: {exc.strerror or exc}", 1) from None
+    _show_prediction(console, ds, table, title, published)
+    target = out_dir / "remission.csv"
+    try:
+        with output_files(out_dir, command="predict") as tmp:
+            write_csv(
+                table, tmp / "remission.csv", provenance_lines(fit, command="predict"), float_format="%.6g"
+            )
+    except OutputRefused as exc:
+        raise _fail(str(exc), 1) from None
+    except OSError as exc:
+        raise _predict_fail(f"could not write {target}: {exc.strerror or exc}", 1) from None
+    console.print(f"{tag}wrote {target}")
+
+
+def _predict(fit, regimen, days, n_patients, seed, published, tag):  # noqa: ANN001, ANN202
+    """Predictions for one regimen or for every dose level: (dataset, CSV table, title)."""
+    import pandas as pd
+
+    from carnk_pkpd.regimen import Regimen
+    from carnk_pkpd.remission import predict_by_dose_level, predict_remission, prediction_table
+
+    if regimen is not None:
+        ds = predict_remission(fit, regimen, days, n_patients, seed, published=published)
+        table = prediction_table(ds, regimen)
+        title = f"{tag}Remission for a new patient: {regimen.label}"
+    else:
+        ds = predict_by_dose_level(fit, days, n_patients, seed, published=published)
+        parts = []
+        for lab in ds["dose_level"].values:
+            sub = ds.sel(dose_level=lab)
+            reg = Regimen(float(sub["dose"]), float(sub["interval"]), int(sub["n_infusions"]), 1.0)
+            parts.append(prediction_table(sub, reg).assign(dose_level=str(lab)))
+        table = pd.concat(parts, ignore_index=True)
+        title = f"{tag}Remission for a new patient, by dose level"
     cols = ["endpoint", "day", "median", "q05", "q95", "dose", "interval", "n_infusions", "ld_scale", "mean"]
     if "dose_level" in table:
         cols = ["dose_level", *cols]
-    table = table[cols]
+    return ds, table[cols], title
+
+
+def _show_prediction(console, ds, table, title, published) -> None:  # noqa: ANN001
+    from rich.table import Table
+
     # compact display (the CSV keeps every column): regimen as '3 x 2e9 q3d', interval in brackets
     rich_table = Table(title=title)
     shown = (["dose_level"] if "dose_level" in table else []) + [
@@ -419,12 +600,6 @@ def predict_cmd(
         f"probability; metric {ds.attrs.get('metric')}"
         + ("; published counts added (double-counts trial patients)" if published else "")
     )
-    target = out_dir / "remission.csv"
-    try:
-        _write_csv_atomic(table, target)
-    except OSError as exc:
-        raise _predict_fail(f"could not write {target}: {exc}", 1) from None
-    console.print(f"{tag}wrote {target}")
 
 
 # --- doses (dose selection) --------------------------------------------------------------------------
@@ -439,7 +614,9 @@ def doses_cmd(
     grid: str | None = typer.Option(
         None, "--grid", help="Regimens: a YAML file, or DOSE:INTERVAL:N[:LD],... (10⁹ cells, days)."
     ),
-    out: str | None = typer.Option(None, "--out", help="Output folder (default doses/<fit name>)."),
+    out: str | None = typer.Option(
+        None, "--out", help="A new output folder (default doses/<fit name>; e.g. FIT/doses)."
+    ),
     draws: int = typer.Option(200, "--draws", min=1, help="Posterior draws."),
     patients: int = typer.Option(40, "--patients", min=1, help="New virtual patients per draw."),
     seed: int = typer.Option(0, "--seed", help="Random seed (same seed, same results for any workers)."),
@@ -452,93 +629,129 @@ def doses_cmd(
     cmax_threshold: float = typer.Option(100.0, "--cmax-threshold", help="Safety proxy (CAR-NK cells/µL)."),
     top: int = typer.Option(10, "--top", min=1, help="Rows of the ranking to print."),
 ) -> None:
-    """Rank dosing regimens by simulated remission, target attainment and safety (writes ranking.csv)."""
+    """Rank dosing regimens by simulated remission, target attainment and safety (writes ranking.csv).
+
+    --out is a new folder, or this command's own earlier output (replaced); never a fit folder or a
+    folder carnk-pkpd did not create. Exit 2 on out-of-range options, 1 on a bad fit folder or grid.
+    """
     from pathlib import Path
 
     from rich.console import Console
-    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
-    from rich.table import Table
+    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
-    from carnk_pkpd.doses import GridError, Utility, load_grid, rank_regimens, ranking_table, write_results
-    from carnk_pkpd.errors import FitError
-    from carnk_pkpd.fits import load_fit
+    from carnk_pkpd.atomic import check_folder_output
+    from carnk_pkpd.doses import GridError, Utility, load_grid, rank_regimens, write_results
+    from carnk_pkpd.errors import FitError, OutputRefused
+    from carnk_pkpd.provenance import provenance
 
+    for option, value in (("--w-remission", w_remission), ("--w-safety", w_safety), ("--w-cells", w_cells)):
+        _check_number(option, value)
+    _check_number("--da-target", da_target, strict=True)
+    _check_number("--cmax-threshold", cmax_threshold, strict=True)
     console = Console()
+    fit = _load_fit_or_exit(fit_dir)
+    dest = Path(out) if out else Path("doses") / Path(fit_dir).name
     try:
-        fit = load_fit(fit_dir)
+        check_folder_output(dest, "doses", command="doses")
+    except OutputRefused as e:
+        raise _fail(str(e), 1) from None
+    try:
         regimens = load_grid(grid) if grid else None
     except (FitError, GridError) as e:
-        typer.echo(f"Error: {e}", err=True)
-        raise typer.Exit(1) from None
+        raise _fail(str(e), 1) from None
+    except OSError as e:
+        raise _fail(f"--grid {grid}: cannot be read ({e.strerror or e})", 1) from None
+    except (ValueError, TypeError) as e:
+        raise _fail(f"--grid {grid}: {e}", 1) from None
     utility = Utility(w_remission, w_safety, w_cells, cmax_threshold)
-    dest = Path(out) if out else Path("doses") / Path(fit_dir).name
     remission = None
     rem_file = Path(fit_dir) / "remission.nc"
     if rem_file.exists():
         import xarray as xr
 
-        with xr.open_dataset(rem_file) as f:
-            remission = f.load()
+        try:
+            with xr.open_dataset(rem_file, engine="netcdf4") as f:
+                remission = f.load()
+        except Exception as e:  # noqa: BLE001 - any reader failure means a damaged cache file
+            raise _fail(
+                f"{rem_file}: cannot be read ({e}); it is the cached remission link of 'carnk-pkpd predict': "
+                f"delete it and run 'carnk-pkpd predict {fit_dir}' to rebuild it",
+                1,
+            ) from None
     client = cluster = None
     try:
-        if scheduler or workers > 0:
-            from dask.distributed import Client, LocalCluster
+        with _warnings_table():
+            if scheduler or workers > 0:
+                with _step(console, "starting Dask workers"):
+                    from dask.distributed import Client, LocalCluster
 
-            if scheduler:
-                client = Client(scheduler)
-            else:
-                cluster = LocalCluster(
-                    n_workers=workers, threads_per_worker=1, processes=False, dashboard_address=None
+                    if scheduler:
+                        client = Client(scheduler)
+                    else:
+                        cluster = LocalCluster(
+                            n_workers=workers, threads_per_worker=1, processes=False, dashboard_address=None
+                        )
+                        client = Client(cluster)
+            with Progress(
+                TextColumn("simulating regimens"),
+                BarColumn(),
+                TextColumn("{task.completed}/{task.total}"),
+                TimeElapsedColumn(),
+                TimeRemainingColumn(),
+                console=console,
+                transient=True,
+            ) as bar:
+                task = bar.add_task("doses", total=None)
+
+                def tick(done: int, total: int) -> None:
+                    bar.update(task, completed=done, total=total)
+
+                ds = rank_regimens(
+                    fit,
+                    regimens,
+                    n_draws=draws,
+                    n_patients=patients,
+                    seed=seed,
+                    utility=utility,
+                    client=client,
+                    da_target=da_target,
+                    remission=remission,
+                    progress=tick,
                 )
-                client = Client(cluster)
-        with Progress(
-            TextColumn("simulating regimens"),
-            BarColumn(),
-            TextColumn("{task.completed}/{task.total}"),
-            TimeElapsedColumn(),
-            console=console,
-            transient=True,
-        ) as bar:
-            task = bar.add_task("doses", total=None)
-
-            def tick(done: int, total: int) -> None:
-                bar.update(task, completed=done, total=total)
-
-            ds = rank_regimens(
-                fit,
-                regimens,
-                n_draws=draws,
-                n_patients=patients,
-                seed=seed,
-                utility=utility,
-                client=client,
-                da_target=da_target,
-                remission=remission,
-                progress=tick,
-            )
-        write_results(ds, dest)
-    except (ValueError, OSError) as e:
-        typer.echo(f"Error: {e}", err=True)
-        raise typer.Exit(1) from None
+            ds.attrs.update(provenance(fit, command="doses"))
+            with _step(console, f"writing {dest}/ (ranking.csv, doses.nc, plots)"):
+                write_results(ds, dest)
+    except OutputRefused as e:
+        raise _fail(str(e), 1) from None
+    except (ValueError, GridError) as e:
+        raise _fail(str(e), 1) from None
+    except OSError as e:
+        raise _fail(f"{e.filename or dest}: {e.strerror or e}", 1) from None
     finally:
         if client is not None:
             client.close()
         if cluster is not None:
             cluster.close()
+    from rich import box
+    from rich.table import Table
+
+    from carnk_pkpd.doses import ranking_table
+
     syn = "SYNTHETIC — " if fit.synthetic else ""
-    table = Table(title=f"{syn}top regimens ({ds.attrs['utility']})")
+    table = Table(title=f"{syn}top regimens", box=box.SIMPLE_HEAD, pad_edge=False)
     cols = [
-        ("rank", "rank"),
+        ("#", "rank"),
         ("regimen", "regimen"),
-        ("P(DORIS 12m)", "p_doris_12m"),
-        ("P(LLDAS 12m)", "p_lldas_12m"),
-        ("P(DA≥target)", "pta_da"),
-        ("P(Cmax>thr)", "p_cmax_high"),
+        ("DORIS 12m", "p_doris_12m"),
+        ("LLDAS 12m", "p_lldas_12m"),
+        ("DA≥target", "pta_da"),
+        ("Cmax>thr", "p_cmax_high"),
         ("P(best)", "p_best"),
         ("utility", "utility"),
     ]
-    for name, _ in cols:
-        table.add_column(name)
+    wide = console.width >= 120  # intervals fit beside the medians; at 80 columns medians only
+    for name, key in cols:
+        table.add_column(name, no_wrap=key == "regimen", justify="left" if key == "regimen" else "right")
     df = ranking_table(ds).head(top)
     for _, row in df.iterrows():
         cells = []
@@ -548,9 +761,16 @@ def doses_cmd(
             elif key in ("p_best", "utility"):
                 cells.append(f"{row[key]:.3f}")
             else:
-                cells.append(f"{row[key + '_median']:.2f} [{row[key + '_q05']:.2f}, {row[key + '_q95']:.2f}]")
+                interval = f" [{row[key + '_q05']:.2f}, {row[key + '_q95']:.2f}]" if wide else ""
+                cells.append(f"{row[key + '_median']:.2f}{interval}")
         table.add_row(*cells)
     console.print(table)
+    console.print(
+        "probabilities: median"
+        + (" and [90% interval]" if wide else " (90% intervals in ranking.csv)")
+        + " over posterior draws; DA≥target = P(aplasia lasts at least "
+        f"--da-target days); Cmax>thr = P(CAR-NK Cmax > --cmax-threshold); {ds.attrs['utility']}"
+    )
     console.print(f"remission: {ds.attrs['remission_source']}")
     console.print(f"wrote {dest}/ranking.csv and plots" + (" (SYNTHETIC fit)" if fit.synthetic else ""))
 
@@ -558,38 +778,44 @@ def doses_cmd(
 # --- export / report ---------------------------------------------------------------------------------
 
 
-def _load_fit_or_exit(folder: str):
-    """Load a fit folder, or print ``Error: ...`` and exit 1 when it is missing or damaged."""
-    from carnk_pkpd.errors import FitError
-    from carnk_pkpd.fits import load_fit
-
-    try:
-        return load_fit(folder)
-    except FitError as exc:
-        typer.echo(f"Error: {exc}", err=True)
-        raise typer.Exit(1) from None
-
-
 @app.command("export")
 def export_cmd(
     fit_dir: str = typer.Argument(..., metavar="FIT", help="Fit folder written by 'carnk-pkpd fit'."),
     fmt: str = typer.Option("csv", "--format", help="csv, json, md, tex or nc (posterior + predictive)."),
-    out: str | None = typer.Option(None, "--out", help="Output folder (default FIT/export/)."),
+    out: str | None = typer.Option(
+        None, "--out", help="Output folder (default FIT/export/; created if missing)."
+    ),
     n_draws: int = typer.Option(200, "--draws", min=1, help="Posterior draws for predictions."),
     seed: int = typer.Option(0, "--seed", help="Seed for thinning draws and replicated data."),
 ) -> None:
-    """Export parameter (THETA/OMEGA/SIGMA), per-subject and sdtab tables, or netCDF posteriors."""
-    from carnk_pkpd.export import FORMATS, write_export
+    """Export parameter (THETA/OMEGA/SIGMA), per-subject and sdtab tables, or netCDF posteriors.
+
+    Writes into FIT/export/ by default; --out may name a new folder or an existing one, where only new
+    names or this command's own earlier files are written (never the fit's own files).
+    """
+    from rich.console import Console
+
+    from carnk_pkpd.atomic import check_output_files
+    from carnk_pkpd.errors import OutputRefused
+    from carnk_pkpd.export import EXPORT_FILES, FORMATS, export_folder, write_export
 
     if fmt not in FORMATS:
-        typer.echo(f"Error: --format {fmt!r} is not one of {', '.join(FORMATS)}", err=True)
-        raise typer.Exit(2)
+        raise _usage_error(f"--format {fmt!r} is not one of {', '.join(FORMATS)}")
     fit = _load_fit_or_exit(fit_dir)
+    console = Console(stderr=True)
     try:
-        paths = write_export(fit, fmt, out, n_draws=n_draws, seed=seed)
-    except (OSError, ValueError) as exc:
-        typer.echo(f"Error: could not export {fit_dir}: {exc}", err=True)
-        raise typer.Exit(1) from None
+        check_output_files(export_folder(fit, out), EXPORT_FILES[fmt], command="export")
+        with (
+            _warnings_table(),
+            _step(console, f"exporting ({fmt}; posterior predictive from {n_draws} draws)"),
+        ):
+            paths = write_export(fit, fmt, out, n_draws=n_draws, seed=seed)
+    except OutputRefused as exc:
+        raise _fail(str(exc), 1) from None
+    except OSError as exc:
+        raise _fail(f"could not export {fit_dir}: {exc.filename or ''} {exc.strerror or exc}", 1) from None
+    except ValueError as exc:
+        raise _fail(f"could not export {fit_dir}: {exc}", 1) from None
     if fit.synthetic:
         typer.echo("SYNTHETIC data: the exported estimates describe simulated patients.")
     for p in paths:
@@ -603,15 +829,27 @@ def report_cmd(
     n_draws: int = typer.Option(100, "--draws", min=1, help="Posterior draws for predictions and VPC."),
     seed: int = typer.Option(0, "--seed", help="Seed for thinning draws and replicated data."),
 ) -> None:
-    """Write one self-contained HTML report (tables, diagnostics, GOF, VPC, individual fits)."""
-    from carnk_pkpd.report import write_report
+    """Write one self-contained HTML report (tables, diagnostics, GOF, VPC, individual fits).
+
+    An existing --out file is replaced only when it is an earlier report written by this command.
+    """
+    from rich.console import Console
+
+    from carnk_pkpd.errors import OutputRefused
+    from carnk_pkpd.report import report_path, write_report
 
     fit = _load_fit_or_exit(fit_dir)
+    console = Console(stderr=True)
     try:
-        path = write_report(fit, out, n_draws=n_draws, seed=seed)
-    except (OSError, ValueError) as exc:
-        typer.echo(f"Error: could not write the report of {fit_dir}: {exc}", err=True)
-        raise typer.Exit(1) from None
+        report_path(fit, out)  # checks the output rule before the work
+        with _warnings_table(), _step(console, f"writing the report (predictions from {n_draws} draws)"):
+            path = write_report(fit, out, n_draws=n_draws, seed=seed)
+    except OutputRefused as exc:
+        raise _fail(str(exc), 1) from None
+    except OSError as exc:
+        raise _fail(f"could not write the report of {fit_dir}: {exc.strerror or exc}", 1) from None
+    except ValueError as exc:
+        raise _fail(f"could not write the report of {fit_dir}: {exc}", 1) from None
     if fit.synthetic:
         typer.echo("SYNTHETIC data: the report describes simulated patients.")
     typer.echo(f"wrote {path}")
@@ -720,8 +958,33 @@ def demo_cmd() -> None:
 
 
 def main() -> None:
-    """Console-script entry point."""
-    app()
+    """Console-script entry point: exit 130 with one line on Ctrl-C; one line, not a traceback, for an
+    error nobody anticipated (set CARNK_PKPD_DEBUG=1 to see the traceback)."""
+    import os
+
+    command = next((a for a in sys.argv[1:] if not a.startswith("-")), "")
+    try:
+        app()
+    except SystemExit as e:
+        if e.code == 130:  # typer turns KeyboardInterrupt into exit 130
+            typer.echo(
+                f"Interrupted: carnk-pkpd {command} stopped; its temporary output was removed and earlier "
+                "results are untouched.",
+                err=True,
+            )
+        raise
+    except KeyboardInterrupt:
+        typer.echo(f"Interrupted: carnk-pkpd {command} stopped.", err=True)
+        sys.exit(130)
+    except Exception as e:  # noqa: BLE001 - last resort: the contract is one line, never a traceback
+        if os.environ.get("CARNK_PKPD_DEBUG"):
+            raise
+        typer.echo(
+            f"Error: unexpected {type(e).__name__} in carnk-pkpd {command}: {e} (this is a bug; rerun with "
+            "CARNK_PKPD_DEBUG=1 for the traceback and report it)",
+            err=True,
+        )
+        sys.exit(1)
 
 
 if __name__ == "__main__":  # python -m carnk_pkpd.cli

@@ -731,10 +731,11 @@ def write_results(ds: xr.Dataset, out: str | Path, *, overwrite: bool = True) ->
     """Write ``ranking.csv``, ``doses.nc`` and the plots to ``out`` atomically (temp folder, rename)."""
     from carnk_pkpd.atomic import atomic_folder
     from carnk_pkpd.plots_doses import plot_all
+    from carnk_pkpd.provenance import lines_from_attrs, write_csv
 
     dest = Path(out)
     with atomic_folder(dest, overwrite=overwrite, kind="doses", command="doses", needs_overwrite=False) as tmp:
-        ranking_table(ds).to_csv(tmp / "ranking.csv", index=False)
+        write_csv(ranking_table(ds), tmp / "ranking.csv", lines_from_attrs({"command": "doses", **ds.attrs}))
         (tmp / "about.txt").write_text(describe(ds) + "\n", encoding="utf-8")
         ds.to_netcdf(tmp / "doses.nc")
         plot_all(ds, tmp)

@@ -63,3 +63,26 @@ class OutputExists(OutputRefused, FileExistsError):
 
     def __str__(self) -> str:
         return str(self.args[0])
+
+
+class IdentifiabilityWarning(UserWarning):
+    """A fit has too few subjects to estimate what the model asks of it (e.g. BSV SDs)."""
+
+
+#: Fewer subjects than this per estimated BSV SD and the SDs mostly reflect their priors.
+MIN_SUBJECTS_PER_OMEGA = 5
+
+
+def warn_bsv_identifiability(n_omega: int, n_subjects: int, source: object = None) -> None:
+    """Warn when ``n_subjects`` cannot inform ``n_omega`` between-subject SDs (< 5 subjects per SD)."""
+    import warnings
+
+    if n_omega > 0 and n_subjects < MIN_SUBJECTS_PER_OMEGA * n_omega:
+        where = f"{source}: " if source else ""
+        warnings.warn(
+            f"{where}{n_subjects} subject(s) for {n_omega} estimated between-subject SDs (omega): fewer than "
+            f"{MIN_SUBJECTS_PER_OMEGA} per omega, so the BSV is not identifiable and the omega posteriors "
+            "mostly restate their priors",
+            IdentifiabilityWarning,
+            stacklevel=3,
+        )

@@ -81,6 +81,7 @@ def fit(
     adaptation: str = "low_rank",
     target_accept: float = TARGET_ACCEPT,
     on_stage: Callable[[str], None] | None = None,
+    on_progress: Callable[[list], None] | None = None,
 ) -> Fit:
     """Fit the hierarchical model of ``model`` to ``cohort`` with nutpie's NUTS.
 
@@ -101,6 +102,12 @@ def fit(
     target_accept
         NUTS's target acceptance rate during warm-up (step-size adaptation). Higher values take
         smaller steps: fewer divergences, more gradient evaluations per draw.
+    on_progress
+        Called from a background thread about twice a second with nutpie's ``ChainProgress`` list
+        (see :func:`carnk_pkpd.progress.sampler_status`). Ctrl-C (KeyboardInterrupt) while sampling
+        cancels the sampler and is re-raised; nothing of the interrupted fit is kept.
+
+    Warns (``IdentifiabilityWarning``) when there are fewer than 5 subjects per estimated BSV SD.
     """
     if not 0.0 < target_accept < 1.0:
         raise ValueError(f"target_accept must lie in (0, 1), got {target_accept}")
@@ -120,6 +127,9 @@ def fit(
     data = observation_data(cohort)
     if len(data.dv) == 0:
         raise ValueError(f"{cohort.source or 'cohort'}: no CAR-NK or B-cell records (DVID 1-3) to fit")
+    from carnk_pkpd.errors import warn_bsv_identifiability
+
+    warn_bsv_identifiability(len(spec.estimated_bsv()), data.n_subjects, cohort.source)
     stage("building the PyMC model")
     pm_model = build_model(spec, data, accuracy=accuracy)
     stage("compiling (JAX)")
@@ -129,7 +139,9 @@ def fit(
     t_compile = time.perf_counter() - t0
     stage(f"sampling {chains} chains x ({tune} tune + {draws} draws)")
     t1 = time.perf_counter()
-    trace = nutpie.sample(
+    from carnk_pkpd.progress import wait_for_sampler
+
+    sampler = nutpie.sample(
         compiled,
         draws=draws,
         tune=tune,
@@ -140,7 +152,11 @@ def fit(
         save_warmup=False,
         adaptation=adaptation,
         target_accept=target_accept,
+        blocking=False,
+        progress_callback=on_progress,
+        progress_rate=500,
     )
+    trace = wait_for_sampler(sampler)  # Ctrl-C cancels the sampler (nutpie's own wait keeps partial draws)
     t_sample = time.perf_counter() - t1
     groups = {name: trace[name].to_dataset() for name in ("posterior", "sample_stats") if name in trace}
     groups["constant_data"] = records_dataset(data)

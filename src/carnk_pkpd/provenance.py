@@ -14,7 +14,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-__all__ = ["SYNTHETIC_LINE", "fit_hash", "provenance", "provenance_lines", "write_csv"]
+__all__ = ["SYNTHETIC_LINE", "fit_hash", "lines_from_attrs", "provenance", "provenance_lines", "write_csv"]
 
 SYNTHETIC_LINE = "SYNTHETIC data: simulated patients, not trial data"
 
@@ -56,13 +56,23 @@ def provenance_lines(
     fit: Any = None, *, synthetic: bool | None = None, command: str | None = None
 ) -> list[str]:
     """Comment lines (without ``#``): ``SYNTHETIC ...`` first when synthetic, then version and fit hash."""
-    p = provenance(fit, synthetic=synthetic, command=command)
-    lines = [SYNTHETIC_LINE] if p["synthetic"] else []
-    text = f"written by carnk-pkpd {p['carnk_pkpd_version']}"
-    if "command" in p:
-        text += f" ({p['command']})"
-    if "fit_sha256" in p:
-        text += f"; fit {p['fit']} (manifest.json SHA-256 {p['fit_sha256']})"
+    return lines_from_attrs(provenance(fit, synthetic=synthetic, command=command))
+
+
+def lines_from_attrs(attrs: Any) -> list[str]:
+    """Comment lines from a :func:`provenance` mapping (e.g. a dataset's ``attrs``)."""
+    from carnk_pkpd import __version__
+
+    try:
+        syn = bool(int(attrs.get("synthetic", 0)))
+    except (TypeError, ValueError):
+        syn = bool(attrs.get("synthetic"))
+    lines = [SYNTHETIC_LINE] if syn else []
+    text = f"written by carnk-pkpd {attrs.get('carnk_pkpd_version', __version__)}"
+    if attrs.get("command"):
+        text += f" ({attrs['command']})"
+    if attrs.get("fit_sha256"):
+        text += f"; fit {attrs.get('fit', '')} (manifest.json SHA-256 {attrs['fit_sha256']})"
     lines.append(text)
     return lines
 

@@ -67,8 +67,13 @@ def render_report(fit: Any, n_draws: int = 100, seed: int = 0) -> str:
     subj = subject_table(fit, min(n_draws, 50), seed)
     curves = individual_curves(fit, min(n_draws, 50), seed)
     name = Path(fit.path).name if fit.path is not None else "fit"
+    from carnk_pkpd.provenance import provenance_lines
+
+    prov = provenance_lines(fit, command="report")
     parts = [
         "<!DOCTYPE html><html lang='en'><head><meta charset='utf-8'>",
+        *(f"<!-- {html.escape(line)} -->" for line in prov),
+        f'<meta name="generator" content="{html.escape(prov[-1])}">',
         f"<title>{'SYNTHETIC — ' if syn else ''}carnk-pkpd report: {html.escape(name)}</title>",
         f"<style>{_CSS}</style></head><body>",
     ]
@@ -78,6 +83,7 @@ def render_report(fit: Any, n_draws: int = 100, seed: int = 0) -> str:
             "describes simulated patients, not trial data.</div>"
         )
     parts.append(f"<h1>Population PK/PD fit: {html.escape(name)}</h1>")
+    parts.append(f'<p class="provenance">{html.escape(prov[-1])}</p>')
     parts.append(
         f"<p>Model <b>{html.escape(str(fit.spec.name))}</b>; {len(fit.cohort.subjects)} subjects; "
         f"{sd.shape[0]} concentration records ({int(sd['BLQ'].sum())} BLQ); predictions from {n_draws} "
@@ -139,8 +145,11 @@ def render_report(fit: Any, n_draws: int = 100, seed: int = 0) -> str:
     return "\n".join(parts)
 
 
-def write_report(fit: Any, out: str | os.PathLike | None = None, n_draws: int = 100, seed: int = 0) -> Path:
-    """Render the report and write it atomically to ``out`` (default ``<fit>/report.html``)."""
+def report_path(fit: Any, out: str | os.PathLike | None = None) -> Path:
+    """Where the report goes (``out``, default ``<fit>/report.html``), checked against the output rule:
+    an existing file is replaced only when it is an earlier report (raises ``OutputRefused``)."""
+    from carnk_pkpd.atomic import check_output_files
+
     if out is None:
         if fit.path is None:
             raise ValueError("the fit has no folder; give an output file")
@@ -148,6 +157,17 @@ def write_report(fit: Any, out: str | os.PathLike | None = None, n_draws: int = 
     dest = Path(out)
     if dest.is_dir():
         raise ValueError(f"{dest} is a folder (expected a file name such as report.html)")
-    from carnk_pkpd.atomic import write_text_atomic
+    check_output_files(dest.parent, [dest.name], command="report")
+    return dest
 
-    return write_text_atomic(dest, render_report(fit, n_draws, seed))
+
+def write_report(fit: Any, out: str | os.PathLike | None = None, n_draws: int = 100, seed: int = 0) -> Path:
+    """Render the report and write it atomically to ``out`` (default ``<fit>/report.html``); the output
+    rule of :mod:`carnk_pkpd.atomic` applies (see :func:`report_path`)."""
+    from carnk_pkpd.atomic import output_files
+
+    dest = report_path(fit, out)
+    text = render_report(fit, n_draws, seed)
+    with output_files(dest.parent, command="report") as tmp:
+        (tmp / dest.name).write_text(text, encoding="utf-8")
+    return dest
