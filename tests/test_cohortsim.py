@@ -363,7 +363,6 @@ def test_cli_simulate_writes_a_synthetic_cohort(tmp_path):
         ["--dose-levels", "1:2", "--n-subjects", "5"],
         ["--dvids", "1,9"],
         ["--follow-up", "-3"],
-        ["--model", "no_such_model"],
     ],
 )
 def test_cli_simulate_bad_options_exit_2(tmp_path, options):
@@ -371,6 +370,14 @@ def test_cli_simulate_bad_options_exit_2(tmp_path, options):
     result = CliRunner().invoke(app, ["simulate", "--out", str(out), *options])
     assert result.exit_code == 2, result.output
     assert "Error:" in result.stderr
+    assert not out.exists()
+
+
+def test_cli_simulate_unknown_model_is_bad_input_exit_1(tmp_path):
+    out = tmp_path / "cohort.csv"
+    result = CliRunner().invoke(app, ["simulate", "--out", str(out), "--model", "no_such_model"])
+    assert result.exit_code == 1, result.output
+    assert "no_such_model" in result.stderr and "available" in result.stderr
     assert not out.exists()
 
 

@@ -103,7 +103,7 @@ def test_write_results_writes_plots_and_csv(ranked, tmp_path):
         assert (dest / name).stat().st_size > 0, name
     assert (dest / "remission_vs_dose.png").read_bytes()[:4] == b"\x89PNG"
     assert "SYNTHETIC" in (dest / "about.txt").read_text(encoding="utf-8")
-    df = pd.read_csv(dest / "ranking.csv")
+    df = pd.read_csv(dest / "ranking.csv", comment="#")
     assert len(df) == len(REGIMENS)
 
 
@@ -162,13 +162,13 @@ def test_cli_writes_atomically(small_fit, tmp_path):
     res = CliRunner().invoke(app, args)
     assert res.exit_code == 0, res.output
     assert "SYNTHETIC" in res.output
-    df = pd.read_csv(out / "ranking.csv")
+    df = pd.read_csv(out / "ranking.csv", comment="#")
     assert set(df["regimen"]) == {"3x0.5e9 q7d", "3x1e9 q7d", "3x3e9 q3d", "3x3e9 q3d noLD"}
     # a second run replaces the folder; no temporary folder is left behind
     res = CliRunner().invoke(app, [*args[:-2], "--workers", "0"])
     assert res.exit_code == 0, res.output
     assert sorted(p.name for p in out.parent.iterdir()) == ["small"]
-    assert pd.read_csv(out / "ranking.csv").equals(df)
+    assert pd.read_csv(out / "ranking.csv", comment="#").equals(df)
 
 
 def test_cli_bad_grid_exits_1(small_fit, tmp_path):

@@ -15,6 +15,7 @@ import pytest
 import xarray as xr
 from typer.testing import CliRunner
 
+from carnk_pkpd.atomic import MARKER
 from carnk_pkpd.cli import app
 from carnk_pkpd.export import FORMATS, cv_percent, eta_shrinkage, parameter_table, sdtab, write_export
 
@@ -109,13 +110,14 @@ def test_posterior_predictive_shapes(fit_copy):
 def test_each_format_readable(fit_copy, tmp_path, fmt):
     paths = write_export(fit_copy, fmt, tmp_path / fmt, n_draws=N_DRAWS, seed=4)
     assert paths and all(p.exists() for p in paths)
-    assert not any(p.name.startswith(".") for p in (tmp_path / fmt).iterdir())  # no temp leftovers
+    leftovers = [p.name for p in (tmp_path / fmt).iterdir() if p.name.startswith(".") and p.name != MARKER]
+    assert not leftovers  # no temporary files left; only the marker of the folder's owner
     names = {p.name for p in paths}
     if fmt == "csv":
         assert names == {"parameters.csv", "subjects.csv", "sdtab.csv"}
-        par = pd.read_csv(tmp_path / fmt / "parameters.csv")
+        par = pd.read_csv(tmp_path / fmt / "parameters.csv", comment="#")
         assert par["label"].str.match(r"^(THETA|OMEGA|SIGMA)\(").any()
-        subj = pd.read_csv(tmp_path / fmt / "subjects.csv")
+        subj = pd.read_csv(tmp_path / fmt / "subjects.csv", comment="#")
         assert {"DA", "b_nadir", "reconstitution_day", "car_cmax", "car_auc_0_28"} <= set(subj["quantity"])
     elif fmt == "json":
         doc = json.loads((tmp_path / fmt / "export.json").read_text())

@@ -100,7 +100,7 @@ def test_fit_folder_holds_posterior_model_data_summary_and_manifest(small_fit):
     folder = small_fit.path
     for name in ("posterior.nc", "model.toml", "data.csv", "summary.csv", "manifest.json"):
         assert (folder / name).is_file(), name
-    summary = pd.read_csv(folder / "summary.csv")
+    summary = pd.read_csv(folder / "summary.csv", comment="#")
     assert list(summary.columns) == SUMMARY_COLUMNS
     names = set(summary["name"])
     assert {"f_bl", "k_rej", "B0", "MTT"} <= names  # typical values named as the parameter

@@ -156,7 +156,7 @@ def test_cli_predict_writes_csv(small_fit, tmp_path):
     )  # fmt: skip
     assert res.exit_code == 0, res.output
     assert "SYNTHETIC" in res.output
-    df = pd.read_csv(tmp_path / "remission.csv")
+    df = pd.read_csv(tmp_path / "remission.csv", comment="#")
     assert list(df.columns[:8]) == [
         "endpoint",
         "day",
@@ -176,7 +176,7 @@ def test_cli_predict_bad_fit_folder(tmp_path):
 
     runner = CliRunner()
     res = runner.invoke(app, ["predict", str(tmp_path / "missing"), "--dose", "2"])
-    assert res.exit_code == 2 and "not a fit folder" in res.output
+    assert res.exit_code == 1 and "not a fit folder" in res.output  # a bad input, not a usage error
     bad = tmp_path / "bad"
     bad.mkdir()
     (bad / "manifest.json").write_text(json.dumps({"format_version": 999}))

@@ -92,8 +92,12 @@ def _warnings_table(title: str = "Warnings") -> Iterator[list]:
             warnings.simplefilter("ignore", category)
         try:
             yield caught
-        finally:
+        except KeyboardInterrupt:
+            raise  # the interrupt message is the only line then
+        except BaseException:
             _print_warnings(caught, title)
+            raise
+        _print_warnings(caught, title)
 
 
 def _print_warnings(caught: list, title: str, limit: int = 8) -> None:
@@ -263,7 +267,13 @@ def simulate_cmd(
     except (ModelFileError, OSError) as exc:
         raise _fail(f"--model {model}: {exc}", 1) from None
     try:
-        cohort, _ = simulate_cohort(spec, levels, n_subjects, seed, dvids=wanted_dvids, follow_up=follow_up)
+        with (
+            _warnings_table(),
+            _step(Console(stderr=True), f"simulating a SYNTHETIC cohort from model {spec.name}"),
+        ):
+            cohort, _ = simulate_cohort(
+                spec, levels, n_subjects, seed, dvids=wanted_dvids, follow_up=follow_up
+            )
     except ValueError as exc:
         raise _usage_error(str(exc)) from None
     try:
@@ -951,9 +961,15 @@ def demo_cmd() -> None:
     console = Console()
     console.rule("[bold red]SYNTHETIC demo: simulated numbers, not trial data")
     state: dict[str, Any] = {}
+    from carnk_pkpd.errors import ModelFileError, OutputRefused
+
     for number, (title, step) in enumerate(DEMO_STEPS, start=1):
         console.rule(f"[bold]Step {number}: {title}")
-        step(console, state)
+        try:
+            with _warnings_table():
+                step(console, state)
+        except (OutputRefused, ModelFileError) as exc:
+            raise _fail(f"demo step {number} ({title}): {exc}", 1) from None
     console.rule("[bold red]End of the SYNTHETIC demo: every number above is simulated")
 
 

@@ -517,7 +517,7 @@ def rank_regimens(
     utility = utility or Utility()
     post = fit if isinstance(fit, PosteriorSample) else PosteriorSample.from_fit(fit)
     spec = post.spec
-    regimens = list(regimens) if regimens is not None else default_grid(spec)
+    regimens = [Regimen.coerce(r) for r in regimens] if regimens is not None else default_grid(spec)
     if not regimens:
         raise ValueError("no regimens to rank")
     if n_draws < 1 or n_patients < 1:

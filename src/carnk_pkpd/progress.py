@@ -19,7 +19,7 @@ def wait_for_sampler(sampler: Any, poll: float = 0.2) -> Any:
     cancelled (its draws discarded) and the KeyboardInterrupt re-raised. Any other error cancels too.
     """
     try:
-        while not sampler.is_finished:
+        while not _finished(sampler):
             time.sleep(poll)
         return sampler.wait()
     except BaseException:
@@ -28,6 +28,14 @@ def wait_for_sampler(sampler: Any, poll: float = 0.2) -> Any:
         except Exception:  # noqa: BLE001 - the sampler may already be gone; the original error matters
             pass
         raise
+
+
+def _finished(sampler: Any) -> bool:
+    """nutpie 0.16's ``is_finished`` raises TimeoutError while the chains still run."""
+    try:
+        return bool(sampler.is_finished)
+    except TimeoutError:
+        return False
 
 
 @dataclass(frozen=True)

@@ -7,6 +7,7 @@ Shared by the remission prediction (:mod:`carnk_pkpd.remission`) and the dose se
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -23,6 +24,13 @@ class Regimen:
     ld_scale: float = 1.0
 
     def __post_init__(self) -> None:
+        for name in ("dose", "interval", "n_infusions", "ld_scale"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)):
+                try:
+                    object.__setattr__(self, name, float(value))
+                except (TypeError, ValueError):
+                    raise ValueError(f"{name} must be a number, found {value!r}") from None
         if not (math.isfinite(self.dose) and self.dose >= 0):
             raise ValueError(f"dose must be a finite number >= 0 (10⁹ cells), found {self.dose!r}")
         if not (math.isfinite(self.interval) and self.interval > 0):
@@ -58,6 +66,29 @@ class Regimen:
             "n_infusions": int(self.n_infusions),
             "ld_scale": float(self.ld_scale),
         }
+
+    @classmethod
+    def coerce(cls, value: Any) -> Regimen:
+        """A Regimen from a Regimen, a tuple ``(dose, interval, n_infusions[, ld_scale])`` or a mapping
+        with those keys, e.g. ``Regimen.coerce((2.0, 3.0, 3))``; raises TypeError/ValueError naming
+        what is wrong."""
+        if isinstance(value, cls):
+            return value
+        if isinstance(value, Mapping):
+            unknown = set(value) - {"dose", "interval", "n_infusions", "ld_scale"}
+            if unknown:
+                raise ValueError(f"regimen: unknown key(s) {sorted(unknown)} (expected dose, interval, "
+                                 "n_infusions, ld_scale)")  # fmt: skip
+            missing = [k for k in ("dose", "interval", "n_infusions") if k not in value]
+            if missing:
+                raise ValueError(f"regimen: missing key(s) {missing} (found {dict(value)!r})")
+            return cls(**value)
+        if isinstance(value, (tuple, list)) and len(value) in (3, 4):
+            return cls(*value)
+        raise TypeError(
+            "a regimen is a Regimen, a tuple (dose 10⁹ cells, interval days, n_infusions[, ld_scale]) or a "
+            f"mapping with those keys (found {value!r})"
+        )
 
     @classmethod
     def from_dose_level(cls, dl: Any, ld_scale: float = 1.0) -> Regimen:

@@ -665,7 +665,7 @@ def _subject_predictions(post: xr.Dataset, days: Sequence[float], seed: int) -> 
 
 def predict_remission(
     fit: Any,
-    regimen: Regimen | None = None,
+    regimen: Regimen | tuple | Mapping | None = None,
     visits: Sequence[float] = (180.0, 365.0),
     n_patients: int = 20,
     seed: int = 0,
@@ -683,6 +683,7 @@ def predict_remission(
     posterior draws). Quantiles 0.05, 0.5, 0.95. The stage-2 posterior is read from / stored in the
     fit folder (:func:`remission_posterior`) unless ``posterior`` is given.
     """
+    regimen = Regimen.coerce(regimen) if regimen is not None else None  # a tuple or mapping works too
     post = (
         posterior
         if posterior is not None

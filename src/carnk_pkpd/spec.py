@@ -200,7 +200,10 @@ _EVENTS_DEFAULTS: dict[str, Any] = {
     "source": "science.md §4 derived events",
 }
 
+#: ``models/`` of a source checkout (``src/carnk_pkpd/spec.py`` -> ``models/``): the canonical files.
 _REPO_MODELS = Path(__file__).resolve().parents[2] / "models"
+#: The same files shipped inside the package (``carnk_pkpd/models/``; pyproject maps
+#: ``carnk_pkpd.models`` to the top-level ``models/``, so there is one copy in the repository).
 _PACKAGE_MODELS = Path(__file__).resolve().parent / "models"
 _MU_TOLERANCE = 1e-6  # |mu - log(typical)| below which a LogNormal mu counts as derived from typical
 
@@ -470,13 +473,29 @@ class ModelSpec:
 # --------------------------------------------------------------------------------------------------
 
 
+def _packaged_models() -> Path | None:
+    """``carnk_pkpd/models`` inside an installed package (found with ``importlib.resources``)."""
+    from importlib import resources
+
+    try:
+        folder = resources.files("carnk_pkpd").joinpath("models")
+    except (ModuleNotFoundError, TypeError):  # pragma: no cover - carnk_pkpd is always importable here
+        return None
+    return Path(str(folder)) if isinstance(folder, os.PathLike) else None
+
+
 def model_dirs() -> list[Path]:
     """Folders searched for a model name: ``$CARNK_PKPD_MODELS`` (os.pathsep-separated), then the
-    repository's ``models/``, then ``carnk_pkpd/models`` if installed with the package."""
+    source checkout's ``models/`` when running from one (``src/`` layout, editable installs), then the
+    model files shipped in the package (``carnk_pkpd/models``, via ``importlib.resources``), so that
+    ``load_model("reference")`` works from any folder after ``pip install``."""
     dirs: list[Path] = []
     env = os.environ.get("CARNK_PKPD_MODELS", "")
     dirs += [Path(p).expanduser() for p in env.split(os.pathsep) if p]
-    dirs += [_REPO_MODELS, _PACKAGE_MODELS]
+    if Path(__file__).resolve().parent.parent.name == "src" and _REPO_MODELS.is_dir():
+        dirs.append(_REPO_MODELS)
+    packaged = _packaged_models()
+    dirs.append(packaged if packaged is not None else _PACKAGE_MODELS)
     unique: list[Path] = []
     for d in dirs:
         if d not in unique:
