@@ -692,6 +692,9 @@ def doses_cmd(
     try:
         with _warnings_table():
             if scheduler or workers > 0:
+                import logging
+
+                logging.getLogger("distributed").setLevel(logging.ERROR)  # no worker chatter in the output
                 with _step(console, "starting Dask workers"):
                     from dask.distributed import Client, LocalCluster
 
@@ -713,8 +716,14 @@ def doses_cmd(
             ) as bar:
                 task = bar.add_task("doses", total=None)
 
+                shown = [-1]
+
                 def tick(done: int, total: int) -> None:
                     bar.update(task, completed=done, total=total)
+                    tenth = int(10 * done / max(total, 1))
+                    if not console.is_terminal and tenth > shown[0]:  # a log gets a line every 10%
+                        shown[0] = tenth
+                        console.print(f"doses: simulated {done}/{total} regimen batches")
 
                 ds = rank_regimens(
                     fit,
@@ -731,6 +740,9 @@ def doses_cmd(
             ds.attrs.update(provenance(fit, command="doses"))
             with _step(console, f"writing {dest}/ (ranking.csv, doses.nc, plots)"):
                 write_results(ds, dest)
+    except KeyboardInterrupt:
+        client = cluster = None  # Ctrl-C: do not wait for running tasks; main() exits at once
+        raise
     except OutputRefused as e:
         raise _fail(str(e), 1) from None
     except (ValueError, GridError) as e:
@@ -973,6 +985,21 @@ def demo_cmd() -> None:
     console.rule("[bold red]End of the SYNTHETIC demo: every number above is simulated")
 
 
+def _interrupted(command: str) -> None:
+    """Ctrl-C: temporary output was removed while the stack unwound (context managers); exit 130 now,
+    without waiting for worker threads (sampler, Dask) to finish the task they are running."""
+    import os
+
+    typer.echo(
+        f"Interrupted: carnk-pkpd {command} stopped; its temporary output was removed and earlier results "
+        "are untouched.",
+        err=True,
+    )
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(130)
+
+
 def main() -> None:
     """Console-script entry point: exit 130 with one line on Ctrl-C; one line, not a traceback, for an
     error nobody anticipated (set CARNK_PKPD_DEBUG=1 to see the traceback)."""
@@ -983,15 +1010,10 @@ def main() -> None:
         app()
     except SystemExit as e:
         if e.code == 130:  # typer turns KeyboardInterrupt into exit 130
-            typer.echo(
-                f"Interrupted: carnk-pkpd {command} stopped; its temporary output was removed and earlier "
-                "results are untouched.",
-                err=True,
-            )
+            _interrupted(command)
         raise
     except KeyboardInterrupt:
-        typer.echo(f"Interrupted: carnk-pkpd {command} stopped.", err=True)
-        sys.exit(130)
+        _interrupted(command)
     except Exception as e:  # noqa: BLE001 - last resort: the contract is one line, never a traceback
         if os.environ.get("CARNK_PKPD_DEBUG"):
             raise

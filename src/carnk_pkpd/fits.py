@@ -326,7 +326,10 @@ def load_fit(path: str | os.PathLike) -> Fit:
     except DataError as e:
         raise FitError(f"{folder / 'data.csv'}: {e}") from None
     try:
-        idata = xr.open_datatree(folder / "posterior.nc", engine="netcdf4").load()
+        # load into memory and close at once: an HDF5 handle left open can be confused with a new file
+        # that later reuses the inode (a copied or replaced fit folder), which crashes the library
+        with xr.open_datatree(folder / "posterior.nc", engine="netcdf4") as tree:
+            idata = tree.load()
     except Exception as e:  # noqa: BLE001 - any reader failure means a damaged file
         raise FitError(f"{folder / 'posterior.nc'}: cannot be read ({e})") from None
     diag = manifest.get("diagnostics")
