@@ -316,7 +316,7 @@ def run_fit(
     import time
     from pathlib import Path
 
-    from rich.progress import BarColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
+    from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 
     from carnk_pkpd.atomic import check_folder_output
     from carnk_pkpd.diagnostics import render_diagnostics
@@ -331,7 +331,6 @@ def run_fit(
     with Progress(
         SpinnerColumn(),
         TextColumn("{task.description}"),
-        BarColumn(bar_width=20),
         TimeElapsedColumn(),
         console=console,
         transient=True,

@@ -734,7 +734,9 @@ def write_results(ds: xr.Dataset, out: str | Path, *, overwrite: bool = True) ->
     from carnk_pkpd.provenance import lines_from_attrs, write_csv
 
     dest = Path(out)
-    with atomic_folder(dest, overwrite=overwrite, kind="doses", command="doses", needs_overwrite=False) as tmp:
+    with atomic_folder(
+        dest, overwrite=overwrite, kind="doses", command="doses", needs_overwrite=False
+    ) as tmp:
         write_csv(ranking_table(ds), tmp / "ranking.csv", lines_from_attrs({"command": "doses", **ds.attrs}))
         (tmp / "about.txt").write_text(describe(ds) + "\n", encoding="utf-8")
         ds.to_netcdf(tmp / "doses.nc")

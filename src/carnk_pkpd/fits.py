@@ -231,7 +231,9 @@ def save_fit(fit: Fit, path: str | os.PathLike, *, overwrite: bool = False) -> P
         idata = fit.idata.copy()  # root attributes carry the provenance (SYNTHETIC, version, data hash)
         idata.attrs = {**dict(fit.idata.attrs), **_root_attrs(fit)}
         idata.to_netcdf(tmp / "posterior.nc", engine="netcdf4")
-        write_csv(fit.summary(), tmp / "summary.csv", provenance_lines(synthetic=fit.synthetic, command="fit"))
+        write_csv(
+            fit.summary(), tmp / "summary.csv", provenance_lines(synthetic=fit.synthetic, command="fit")
+        )
         manifest = dict(fit.manifest)
         manifest.update(
             format_version=FORMAT_VERSION,

@@ -59,16 +59,21 @@ class SamplerStatus:
         return self.elapsed * (self.total - self.done) / self.done
 
     def describe(self) -> str:
-        """E.g. ``4 chains (2 warm-up, 2 sampling) · iteration 340/2000 · 3 divergences · ETA 1:20``."""
+        """E.g. ``4 chains, warm-up · iteration 340/2000 · 3 divergent · ETA 1:20`` (fits 80 columns
+        beside a spinner and the elapsed time)."""
         sampling = self.started - self.warming_up
-        phase = f"{self.warming_up} warm-up, {sampling} sampling" if self.started else "starting"
+        if not self.started:
+            phase = "starting"
+        elif sampling == 0 or self.warming_up == 0:
+            phase = "warm-up" if sampling == 0 else "sampling"
+        else:
+            phase = f"{self.warming_up}/{self.started} warm-up"
         per_chain = self.done // max(self.chains, 1)
         eta = self.eta_seconds
         eta_text = "ETA ?" if eta is None else f"ETA {int(eta // 60)}:{int(eta % 60):02d}"
-        div = f"{self.divergences} divergence{'s' if self.divergences != 1 else ''}"
         return (
-            f"{self.chains} chain{'s' if self.chains != 1 else ''} ({phase}) · iteration "
-            f"{per_chain}/{self.per_chain_total} · {div} · {eta_text}"
+            f"{self.chains} chain{'s' if self.chains != 1 else ''}, {phase} · iteration "
+            f"{per_chain}/{self.per_chain_total} · {self.divergences} divergent · {eta_text}"
         )
 
 
