@@ -412,13 +412,15 @@ def _print_summary(result, console) -> None:
 @app.command("fit")
 def fit_cmd(
     data: str = typer.Argument(..., help="Cohort CSV (NONMEM-style, see 'carnk-pkpd validate')."),
-    model: str = typer.Option("reference", "--model", help="Model name (models/<name>.toml) or path."),
+    model: str = typer.Option("reference", "--model", help="Model name (e.g. reference) or a .toml path."),
     out: str = typer.Option(..., "--out", help="Fit folder to write, e.g. fits/run1 (written atomically)."),
     draws: int = typer.Option(1000, "--draws", min=1, help="Posterior draws per chain."),
     tune: int = typer.Option(1000, "--tune", min=0, help="Warm-up iterations per chain."),
     chains: int = typer.Option(4, "--chains", min=1, help="Number of chains."),
     seed: int = typer.Option(1, "--seed", help="Sampler seed (same seed, same draws on the same machine)."),
-    overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing fit folder of that name."),
+    overwrite: bool = typer.Option(
+        False, "--overwrite", help="Replace an earlier fit in --out (never a folder that is not a fit)."
+    ),
     strict: bool = typer.Option(False, "--strict", help="Exit 1 when the fit fails its diagnostics."),
     target_accept: float = typer.Option(
         None, "--target-accept", min=0.5, max=0.999, help="NUTS target acceptance (default: carnk_pkpd's)."
