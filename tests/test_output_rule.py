@@ -83,6 +83,23 @@ def test_folder_rule_refuses_what_is_not_its_own(tmp_path):
     check_folder_output(fit, "fit", command="fit", needs_overwrite=True, overwrite=True)
 
 
+def test_outputs_written_before_markers_existed_are_recognised(tmp_path):
+    fit = tmp_path / "fit"
+    (fit / "doses").mkdir(parents=True)
+    for name in ("manifest.json", "posterior.nc", "remission.csv", "report.html", "remission.nc"):
+        (fit / name).write_text("x")
+    for name in ("ranking.csv", "doses.nc", "trajectories.png"):
+        (fit / "doses" / name).write_text("x")
+    assert folder_kind(fit / "doses") == "doses"
+    check_folder_output(fit, "fit", command="fit", needs_overwrite=True, overwrite=True)
+    check_folder_output(fit / "doses", "doses", command="doses")
+    with output_files(fit, command="predict") as tmp:
+        (tmp / "remission.csv").write_text("new")
+    (fit / "doses" / "my_notes.txt").write_text("mine")  # no longer only doses outputs
+    with pytest.raises(OutputRefused):
+        check_folder_output(fit / "doses", "doses", command="doses")
+
+
 def test_files_rule_replaces_only_its_own_files(tmp_path):
     folder = tmp_path / "shared"
     folder.mkdir()

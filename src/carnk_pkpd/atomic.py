@@ -46,6 +46,16 @@ MARKER = ".carnk-pkpd.json"
 #: The files of a fit folder (written by ``carnk-pkpd fit``), and files other modules cache in it.
 FIT_FILES = ("posterior.nc", "model.toml", "data.csv", "summary.csv", "manifest.json")
 FIT_CACHES = ("remission.nc", "remission_published.nc")
+#: Outputs other commands put in a fit folder by default or as the README teaches; recognised as theirs
+#: in folders written before markers existed.
+FIT_DERIVED = {"remission.csv": "predict", "report.html": "report", "export": "export", "doses": "doses"}
+#: What a command's own folder holds, to recognise folders written before markers existed.
+_KNOWN_FOLDERS = {
+    "doses": lambda name: name in ("ranking.csv", "about.txt", "doses.nc") or name.endswith(".png"),
+    "export": lambda name: name
+    in ("parameters.csv", "subjects.csv", "sdtab.csv", "export.json", "export.md", "parameters.tex",
+        "subjects.tex", "sdtab.tex", "posterior.nc", "posterior_predictive.nc"),
+}  # fmt: skip
 
 _umask_lock = threading.Lock()
 
@@ -104,17 +114,43 @@ def folder_kind(folder: str | os.PathLike) -> str | None:
         return None
     if (folder / "manifest.json").exists():
         return "fit"
-    kind = read_marker(folder).get("kind")
-    return str(kind) if kind else None
+    marker = read_marker(folder)
+    kind = marker.get("kind")
+    if kind:
+        return str(kind)
+    if not marker:
+        return _legacy_kind(folder)
+    return None
+
+
+def _legacy_kind(folder: Path) -> str | None:
+    """The kind of a folder a command wrote before markers existed: every entry is that kind's output."""
+    try:
+        names = [p.name for p in folder.iterdir() if p.is_file() and not _leftover(p.name)]
+        dirs = [p for p in folder.iterdir() if p.is_dir() and not _leftover(p.name)]
+    except OSError:
+        return None
+    if not names or dirs:
+        return None
+    for kind, known in _KNOWN_FOLDERS.items():
+        if all(known(n) for n in names):
+            return kind
+    return None
 
 
 def _owner(folder: Path, name: str) -> str | None:
     """The command that wrote ``folder/name`` according to the folder's marker (None if unknown)."""
-    if folder_kind(folder) == "fit" and (name in FIT_FILES or name in FIT_CACHES):
+    kind = folder_kind(folder)
+    if kind == "fit" and (name in FIT_FILES or name in FIT_CACHES):
         return "fit"
-    files = read_marker(folder).get("files")
+    marker = read_marker(folder)
+    files = marker.get("files")
     if isinstance(files, dict) and isinstance(files.get(name), str):
         return files[name]
+    if kind == "fit" and name in FIT_DERIVED:
+        return FIT_DERIVED[name]
+    if not marker and kind in _KNOWN_FOLDERS and _KNOWN_FOLDERS[kind](name):
+        return kind
     return None
 
 
