@@ -26,6 +26,7 @@ drawn::
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any
@@ -376,6 +377,27 @@ def _residuals(spec: Any, post: Any, n: int) -> dict[str, np.ndarray]:
 
 
 # --- who is simulated ----------------------------------------------------------------------------------
+def ld_window_from_times(ld_times: Sequence[Sequence[float]], spec: Any) -> dict[str, np.ndarray]:
+    """Per-subject LD inputs of the solver from each subject's EVID=2 days: LD from the first to the
+    last of them at full intensity; a subject without EVID=2 rows had no LD (intensity 0, its window
+    placed on the file's ``simulation.ld_days`` only as a time origin)."""
+    from carnk_pkpd.structural.carnk import ld_inputs
+
+    start, end, scale = _ld_arrays(ld_times, spec)
+    return ld_inputs(start, end, scale, spec.lymphodepletion)
+
+
+def _ld_arrays(ld_times: Sequence[Sequence[float]], spec: Any) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    nominal = [float(x) for x in spec.simulation["ld_days"]] or [-5.0, -3.0]
+    start, end, scale = [], [], []
+    for days in ld_times:
+        days = [float(t) for t in days]
+        start.append(min(days) if days else min(nominal))
+        end.append(max(days) if days else max(nominal))
+        scale.append(1.0 if days else 0.0)
+    return np.asarray(start, float), np.asarray(end, float), np.asarray(scale, float)
+
+
 @dataclass(frozen=True)
 class SubjectDesign:
     """Who is simulated: per subject its infusions, dose level, covariates and LD window.
@@ -416,26 +438,15 @@ class SubjectDesign:
         from carnk_pkpd.statistical import observation_data
 
         data = observation_data(cohort)
-        nominal = [float(x) for x in spec.simulation["ld_days"]]
-        start, end, scale = [], [], []
-        for subj in cohort.subjects:
-            ld = [float(t) for t in subj.ld_times]
-            if ld:
-                start.append(min(ld))
-                end.append(max(ld))
-                scale.append(1.0)
-            else:
-                start.append(min(nominal))
-                end.append(max(nominal))
-                scale.append(0.0)
+        start, end, scale = _ld_arrays(data.ld_times, spec)
         return cls(
             ids=tuple(data.ids),
             doses=tuple(np.asarray(d, float).reshape(-1, 2) for d in data.doses),
             dose_levels=tuple(data.dose_levels),
             covariates={k: np.asarray(v, float) for k, v in data.covariates.items()},
-            ld_start=np.asarray(start),
-            ld_end=np.asarray(end),
-            ld_scale=np.asarray(scale),
+            ld_start=start,
+            ld_end=end,
+            ld_scale=scale,
             records=data,
         )
 
@@ -531,6 +542,7 @@ def individual_parameters(
     rng: np.random.Generator | None = None,
     *,
     new_subjects: bool = True,
+    z: Mapping[str, np.ndarray] | None = None,
 ) -> dict[str, np.ndarray]:
     """Each subject's structural parameters per draw, ``{name: (draw, subject)}`` in natural units
     (every parameter but ``n_transit``); see the module docstring for the model.
@@ -539,9 +551,11 @@ def individual_parameters(
     (per parameter in the file's order: one dose-level deviation per draw, then one per draw and
     subject), so equal generator states give equal patients whatever the regimen. ``new_subjects=False``
     uses the fitted subjects' own deviations (``pop.eta_z``, matched by subject ID; needs a fit) and
-    draws nothing.
+    draws nothing. ``z`` gives new subjects' standardised deviations explicitly, ``{name: (draw,
+    subject)}`` (e.g. a cohort simulator that keeps its own stream); parameters missing from it are
+    drawn from ``rng``.
     """
-    if new_subjects and rng is None:
+    if new_subjects and rng is None and z is None:
         raise ValueError("new_subjects=True needs a random generator (rng)")
     n_d, n_s = pop.n_draws, design.n_subjects
     if not new_subjects:
@@ -560,8 +574,12 @@ def individual_parameters(
     out = {}
     for name in pop.names:
         if new_subjects:
-            z_dl = rng.standard_normal(n_d)
-            z = rng.standard_normal((n_d, n_s))
+            if z is not None and name in z:
+                z_dl = np.zeros(n_d)
+                z_s = np.broadcast_to(np.asarray(z[name], float), (n_d, n_s))
+            else:
+                z_dl = rng.standard_normal(n_d)
+                z_s = rng.standard_normal((n_d, n_s))
         log_p = np.broadcast_to(np.log(pop.typical[name])[:, None], (n_d, n_s)).copy()
         if name in pop.typical_dl:
             known = dl_index >= 0
@@ -575,14 +593,17 @@ def individual_parameters(
             log_p = log_p + eff.log_effect(x)
         if name in pop.omega:
             if new_subjects:
-                zz = z
+                zz = z_s
             elif name in pop.eta_z:
                 zz = pop.eta_z[name][:, col]
             else:
-                raise ValueError(
-                    f"{name}: the model has BSV (omega) but the fit holds no eta_{name}; refit with this "
-                    "version (fixed-omega parameters keep their eta in fits)"
+                warnings.warn(
+                    f"{name}: the model file gives it BSV (omega {float(np.median(pop.omega[name])):g}) but "
+                    f"the fit holds no eta_{name} (a fit made before fixed-omega parameters kept their "
+                    "eta); its fitted subjects take eta = 0. Refit to carry it.",
+                    stacklevel=2,
                 )
+                zz = np.zeros((n_d, n_s))
             log_p = log_p + pop.omega[name][:, None] * zz
         out[name] = np.exp(log_p)
     return out
@@ -595,14 +616,28 @@ class _EffectSpec:
 
 
 # --- the solver grid -----------------------------------------------------------------------------------
-def solver_rate_bounds(spec: Any) -> tuple[float, float]:
+def solver_rate_bounds(spec: Any, theta: Mapping[str, np.ndarray] | None = None) -> tuple[Any, Any]:
     """The fastest transit rate n/MTT and maximal kill rate k_kmax (1/day) the solver grid must resolve.
 
     One rule for fits, predictions, simulations and the dose search: the typical value moved
     ``RATE_BOUND_SDS`` (2.5) log-scale SDs up, the SD being the prior's (0 when fixed) plus the BSV's
-    (``bsv.sd``, estimated or fixed). Depends on the model file only, so every subject of a regimen
-    shares one grid and results do not depend on which draws are simulated together.
+    (``bsv.sd``, estimated or fixed). Without ``theta`` two floats that depend on the model file only
+    (a fit's grid serves every draw; every subject of a regimen shares one grid). With per-subject
+    values ``theta`` (``MTT``, ``k_kmax`` arrays) the bound is raised to a subject's own rate where
+    that is faster, so an extreme subject is still resolved; each subject's grid then depends on its
+    own parameters only (not on which subjects are solved together).
     """
+    k_tr, k_kill = _spec_rate_bounds(spec)
+    if theta is None:
+        return k_tr, k_kill
+    n_transit = int(round(spec.parameters["n_transit"].typical))
+    return (
+        np.maximum(k_tr, n_transit / np.asarray(theta["MTT"], float)),
+        np.maximum(k_kill, np.asarray(theta["k_kmax"], float)),
+    )
+
+
+def _spec_rate_bounds(spec: Any) -> tuple[float, float]:
     n_transit = int(round(spec.parameters["n_transit"].typical))
 
     def spread(name: str) -> float:
@@ -613,3 +648,320 @@ def solver_rate_bounds(spec: Any) -> tuple[float, float]:
     k_tr = n_transit / spec.parameters["MTT"].typical * np.exp(spread("MTT"))
     k_kill = spec.parameters["k_kmax"].typical * np.exp(spread("k_kmax"))
     return float(k_tr), float(k_kill)
+
+
+# --- observations --------------------------------------------------------------------------------------
+def observation_scale(
+    spec: Any, dvid: np.ndarray, car: np.ndarray, bcell: np.ndarray, residual: Mapping[str, np.ndarray]
+) -> np.ndarray:
+    """Predictions in each record's unit, ``(draw, record)``: chosen by DVID (1 and 3 CAR-NK, 2 B cells),
+    DVID 3 times the draw's ``copies_per_cell``. ``car``/``bcell`` (draw, record) in cells/µL."""
+    from carnk_pkpd.statistical import CAR_DVIDS
+
+    out = np.where(np.isin(dvid, CAR_DVIDS)[None, :], car, bcell).astype(float)
+    for d, obs in spec.observations.items():
+        sel = dvid == d
+        if sel.any() and obs.conversion is not None:
+            out[:, sel] = out[:, sel] * residual[obs.conversion.name][:, None]
+    return out
+
+
+def add_residual_error(
+    spec: Any,
+    dvid: np.ndarray,
+    pred: np.ndarray,
+    residual: Mapping[str, np.ndarray],
+    rng: np.random.Generator,
+) -> np.ndarray:
+    """Observations with residual error, ``(draw, record)``, from predictions ``pred`` in record units:
+    log-normal ``pred·exp(σ·ε)`` or combined ``pred + sqrt((prop·pred)² + add²)·ε`` as the file
+    declares for each DVID. One standard normal per (draw, record), drawn in one block."""
+    from carnk_pkpd.statistical import CAR_FLOOR
+
+    eps = rng.standard_normal(pred.shape)
+    y = np.full(pred.shape, np.nan)
+    for d, obs in spec.observations.items():
+        sel = dvid == d
+        if not sel.any():
+            continue
+        mu = pred[:, sel]
+        if obs.error == "lognormal":
+            sig = residual[f"sigma_{obs.name}"][:, None]
+            y[:, sel] = (mu + CAR_FLOOR) * np.exp(sig * eps[:, sel])
+        else:
+            prop = residual[f"sigma_{obs.name}_prop"][:, None]
+            add = residual[f"sigma_{obs.name}_add"][:, None]
+            y[:, sel] = mu + np.sqrt((prop * mu) ** 2 + add**2) * eps[:, sel]
+    return y
+
+
+# --- the entry point -----------------------------------------------------------------------------------
+MAX_SUBJECTS_PER_CHUNK = 2000  # draws per chunk = max(1, this // n_subjects): fixed, never worker-dependent
+
+
+def population_from(
+    source: Any,
+    n_draws: int | None = None,
+    seed: int = 0,
+    uncertainty: str = "typical",
+) -> PopulationDraws:
+    """:class:`PopulationDraws` from a Fit (``n_draws`` chosen with ``seed``), a model (spec, name or
+    path: ``n_draws`` draws, default 1, with ``uncertainty``) or a PopulationDraws (``n_draws`` of
+    them chosen with ``seed``)."""
+    if isinstance(source, PopulationDraws):
+        if n_draws is None or n_draws >= source.n_draws:
+            return source
+        idx = np.sort(np.random.default_rng(seed).choice(source.n_draws, size=n_draws, replace=False))
+        return source.take(idx)
+    if hasattr(source, "posterior") and hasattr(source, "cohort"):
+        return PopulationDraws.from_fit(source, n_draws, seed)
+    from carnk_pkpd.spec import ModelSpec, load_model
+
+    spec = source if isinstance(source, ModelSpec) else load_model(source)
+    return PopulationDraws.from_model(spec, n_draws or 1, seed, uncertainty)
+
+
+def design_from(
+    design: Any,
+    spec: Any,
+    n_subjects: int | None = None,
+    covariates: Mapping[str, Any] | None = None,
+) -> SubjectDesign:
+    """:class:`SubjectDesign` from a Regimen (``n_subjects`` new patients), a Cohort (its observed
+    design) or a SubjectDesign."""
+    if isinstance(design, SubjectDesign):
+        return design
+    if hasattr(design, "subjects"):
+        return SubjectDesign.from_cohort(design, spec)
+    if hasattr(design, "doses") and hasattr(design, "ld_scale"):
+        if n_subjects is None:
+            raise ValueError("a Regimen design needs n_subjects (new patients per draw)")
+        return SubjectDesign.from_regimen(spec, design, n_subjects, covariates=covariates)
+    raise TypeError(f"design must be a Regimen, a Cohort or a SubjectDesign (found {type(design).__name__})")
+
+
+def _resample_covariates(
+    spec: Any, design: SubjectDesign, fit: Any, rng: np.random.Generator
+) -> SubjectDesign:
+    """New patients take the covariates the model needs from the fitted cohort, resampled with
+    replacement (whole subjects, so covariates stay jointly distributed), unless given."""
+    needed = sorted({c.covariate.upper() for c in spec.covariates} - {"DOSE"} - set(design.covariates))
+    if not needed:
+        return design
+    if fit is None:
+        raise ValueError(
+            f"the model has covariate effects on {', '.join(needed)}: give their values for the new "
+            "subjects (covariates=...)"
+        )
+    from carnk_pkpd.statistical import observation_data
+
+    data = observation_data(fit.cohort)
+    pick = rng.integers(0, data.n_subjects, design.n_subjects)
+    covs = dict(design.covariates)
+    for k in needed:
+        if k not in data.covariates:
+            raise ValueError(f"covariate {k} is not in the fitted cohort")
+        covs[k] = np.asarray(data.covariates[k], float)[pick]
+    return replace(design, covariates=covs)
+
+
+def simulate_population(
+    source: Any,
+    design: Any,
+    *,
+    n_subjects: int | None = None,
+    n_draws: int | None = None,
+    seed: int = 0,
+    new_subjects: bool = True,
+    times: Sequence[float] | np.ndarray | None = None,
+    covariates: Mapping[str, Any] | None = None,
+    uncertainty: str = "typical",
+    accuracy: str = "default",
+    observations: bool = True,
+    metrics: bool = True,
+    metric_options: Mapping[str, Any] | None = None,
+) -> Any:
+    """Simulate subjects from a population model: parameters, trajectories, observations, metrics.
+
+    Parameters
+    ----------
+    source
+        A :class:`~carnk_pkpd.fits.Fit` (posterior draws), a model (ModelSpec, name or path: its
+        typical values, or draws from its priors with ``uncertainty="prior"``) or
+        :class:`PopulationDraws`.
+    design
+        A :class:`~carnk_pkpd.regimen.Regimen` (``n_subjects`` new patients per draw), a
+        :class:`~carnk_pkpd.data.Cohort` (each subject's own infusions, LD window, covariates and
+        records) or a :class:`SubjectDesign`.
+    n_draws, seed
+        Population draws (a fit's chosen without replacement with ``seed``; all when None) and the
+        seed of every random step. Draws are simulated in chunks of at most
+        ``MAX_SUBJECTS_PER_CHUNK`` subjects; chunk ``c`` uses the stream
+        ``SeedSequence([seed, c])``, so results never depend on how chunks are distributed, and the
+        same seed gives the same virtual patients under every regimen (common random numbers).
+    new_subjects
+        True: new η drawn from Ω (new patients, VPC, NPDE, dose search). False: the fitted subjects'
+        own η (IPRED; needs a Fit and its cohort as design).
+    times
+        Days for the trajectories (default: the file's CAR-NK and B-cell sampling days and day 0).
+    covariates
+        Covariate values of new patients (per subject or one for all); without them, covariates the
+        model needs are resampled from the fitted cohort. ``DOSE`` always follows the design.
+    observations, metrics
+        Simulate each record's observation (observed designs) and the derived metrics
+        (:func:`carnk_pkpd.structural.derived_metrics`, the file's ``[events]`` thresholds unless
+        ``metric_options`` says otherwise).
+
+    Returns
+    -------
+    xarray.Dataset on ``draw, subject, time`` (and ``record`` for observed designs): one variable per
+    structural parameter (natural units), ``car``/``bcell`` (cells/µL), every derived metric
+    (``DA``, ``reconstitution_day``, …; NaN = never happens), per draw ``typical_<p>``,
+    ``omega_<p>``, ``omega_DL_<p>``, ``beta_…``, residual SDs; for records ``ipred`` (record unit),
+    ``y`` (with residual error, uncensored), ``blq`` (``y`` < the record's LLOQ) and the observed
+    ``DV``/``BLQ``/``LLOQ``/``DVID``/``TIME``/``ID``.
+    """
+    import xarray as xr
+
+    from carnk_pkpd.structural import derived_metrics, simulate
+
+    fit = source if hasattr(source, "posterior") and hasattr(source, "cohort") else None
+    pop = population_from(source, n_draws, seed, uncertainty)
+    spec = pop.spec
+    des = design_from(design, spec, n_subjects, covariates)
+    if new_subjects:
+        des = _resample_covariates(spec, des, fit, np.random.default_rng([seed, 2**31]))
+    n_d, n_s = pop.n_draws, des.n_subjects
+    t = np.unique(
+        np.asarray(
+            times
+            if times is not None
+            else [0.0, *spec.simulation["car_days"], *spec.simulation["bcell_days"]],
+            float,
+        )
+    )
+    rec = des.records if observations else None
+    t_all = t if rec is None else np.unique(np.concatenate([t, *rec.times]))
+    ev = dict(spec.events)
+    mopt = dict(
+        reappearance_threshold=float(ev["reappearance_threshold"]),
+        reconstitution_threshold=float(ev["reconstitution_threshold"]),
+        aplasia_threshold=float(ev["aplasia_threshold"]),
+        aplasia_window=(float(ev["aplasia_window"][0]), float(ev["aplasia_window"][1])),
+    )
+    mopt.update(metric_options or {})
+    ld = des.ld(spec)
+    per_chunk = max(1, MAX_SUBJECTS_PER_CHUNK // n_s)
+    n_chunks = -(-n_d // per_chunk)
+    parts: list[dict[str, np.ndarray]] = []
+    for c in range(n_chunks):
+        idx = np.arange(c * per_chunk, min((c + 1) * per_chunk, n_d))
+        pc = pop.take(idx)
+        rng = np.random.default_rng(np.random.SeedSequence([seed, c]))
+        theta = individual_parameters(pc, des, rng, new_subjects=new_subjects)
+        m = idx.size
+        flat = {k: v.reshape(-1) for k, v in theta.items()}
+        flat["n_transit"] = np.full(m * n_s, pop.n_transit)
+        doses = list(des.doses) * m
+        ld_flat = {k: np.tile(v, m) for k, v in ld.items()}
+        part: dict[str, np.ndarray] = {k: v for k, v in theta.items()}
+        paths = simulate(flat, doses, t_all, spec, accuracy, ld_flat)
+        car = np.asarray(paths["car"].values).reshape(m, n_s, -1)
+        bcell = np.asarray(paths["bcell"].values).reshape(m, n_s, -1)
+        pos = np.searchsorted(t_all, t)
+        part["car"], part["bcell"] = car[:, :, pos], bcell[:, :, pos]
+        if metrics:
+            met = derived_metrics(flat, doses, spec, accuracy=accuracy, ld=ld_flat, **mopt)
+            for k in met.data_vars:
+                part[str(k)] = np.asarray(met[k].values).reshape(m, n_s)
+        if rec is not None:
+            tpos = np.searchsorted(t_all, np.concatenate(rec.times)[_record_time_flat(rec)])
+            car_r = car[:, rec.subject_index, tpos]
+            b_r = bcell[:, rec.subject_index, tpos]
+            res = {k: v for k, v in pc.residual.items()}
+            ipred = observation_scale(spec, rec.dvid, car_r, b_r, res)
+            part["ipred"] = ipred
+            part["y"] = add_residual_error(spec, rec.dvid, ipred, res, rng)
+        parts.append(part)
+    data = {k: np.concatenate([p[k] for p in parts], axis=0) for k in parts[0]}
+    return _assemble(pop, des, t, data, rec, seed, new_subjects, accuracy, xr)
+
+
+def _record_time_flat(rec: Any) -> np.ndarray:
+    """Index into the concatenated per-subject times for each record."""
+    offsets = np.cumsum([0, *[len(t) for t in rec.times[:-1]]])
+    return offsets[rec.subject_index] + rec.time_index
+
+
+def _assemble(pop, des, t, data, rec, seed, new_subjects, accuracy, xr):
+    from carnk_pkpd.structural.metrics import UNITS
+
+    spec = pop.spec
+    dims2, dims3 = ("draw", "subject"), ("draw", "subject", "time")
+    out: dict[str, Any] = {}
+    for name in pop.names:
+        out[name] = (
+            dims2,
+            data[name],
+            {"units": spec.parameters[name].unit, "long_name": "individual value"},
+        )
+    out["car"] = (dims3, data["car"], {"units": "cells/µL", "long_name": "CAR-NK cells in blood"})
+    out["bcell"] = (dims3, data["bcell"], {"units": "cells/µL", "long_name": "CD19+ B cells in blood"})
+    for k, u in UNITS.items():
+        if k in data:
+            out[k] = (dims2, data[k], {"units": u})
+    for name, v in pop.typical.items():
+        out[f"typical_{name}"] = ("draw", v, {"units": spec.parameters[name].unit})
+    for name, v in pop.omega.items():
+        est = spec.parameters[name].bsv_estimate
+        out[f"omega_{name}"] = ("draw", v, {"units": "log-scale SD", "estimated": int(bool(est))})
+    for name, v in pop.omega_dl.items():
+        out[f"omega_DL_{name}"] = ("draw", v, {"units": "log-scale SD"})
+    for name, v in pop.typical_dl.items():
+        out[f"typical_DL_{name}"] = (("draw", "dose_level_fitted"), v, {"units": spec.parameters[name].unit})
+    for eff in pop.covariates:
+        b = np.asarray(eff.beta)
+        if b.ndim == 1:
+            out[eff.label] = ("draw", b, {"units": "1"})
+        else:
+            out[eff.label] = (("draw", f"{eff.label}_level"), b, {"units": "1"})
+    for name, v in pop.residual.items():
+        out[name] = ("draw", v)
+    coords: dict[str, Any] = {
+        "draw": pop.draw,
+        "subject": list(des.ids),
+        "time": ("time", t, {"units": "days", "long_name": "days since the first infusion"}),
+        "dose_level": ("subject", list(des.dose_levels)),
+        "ld_scale": ("subject", des.ld_scale),
+    }
+    if pop.typical_dl:
+        coords["dose_level_fitted"] = list(pop.dose_levels)
+    if rec is not None:
+        dr = ("draw", "record")
+        out["ipred"] = (dr, data["ipred"], {"long_name": "individual prediction, record's unit"})
+        out["y"] = (dr, data["y"], {"long_name": "simulated observation with residual error (uncensored)"})
+        out["blq"] = (
+            dr,
+            data["y"] < rec.lloq[None, :],
+            {"long_name": "simulated value below the record's LLOQ"},
+        )
+        coords.update(
+            record=np.arange(rec.dv.size),
+            ID=("record", np.asarray(rec.ids, dtype=object)[rec.subject_index]),
+            TIME=("record", np.concatenate(rec.times)[_record_time_flat(rec)], {"units": "days"}),
+            DVID=("record", rec.dvid),
+            DV=("record", rec.dv),
+            BLQ=("record", rec.blq),
+            LLOQ=("record", rec.lloq),
+        )
+    ds = xr.Dataset(out, coords=coords)
+    ds.attrs.update(
+        model=spec.name,
+        source=pop.source,
+        synthetic=int(bool(pop.synthetic)),
+        seed=int(seed),
+        new_subjects=int(bool(new_subjects)),
+        accuracy=accuracy,
+        n_transit=pop.n_transit,
+    )
+    return ds
