@@ -119,7 +119,11 @@ def test_fit_folder_holds_posterior_model_data_summary_and_manifest(small_fit):
     assert list(post["subject"].values) == small_fit.cohort.ids
     ind = small_fit.individual_parameters()
     assert ind["B0"].dims == ("chain", "draw", "subject")
-    np.testing.assert_array_equal(ind["B0"].values, post["B0_i"].values)
+    # the population layer rebuilds each subject's value from the draw's typical value, omega and eta
+    np.testing.assert_allclose(ind["B0"].values, post["B0_i"].values, rtol=1e-10)
+    # OMEGA FIX (bsv.estimate = false, sd > 0): the fit keeps the subjects' eta, omega is not sampled
+    assert "eta_rho" in post and "omega_rho" not in post and "rho_i" in post
+    np.testing.assert_allclose(ind["rho"].values, post["rho_i"].values, rtol=1e-10)
 
 
 def test_damaged_or_incomplete_fit_folders_name_the_file(small_fit, tmp_path):
@@ -266,8 +270,9 @@ def _recovery_fit(bsv: str):
 
 @pytest.mark.slow
 def test_parameter_recovery_when_the_cohort_comes_from_the_fitted_model():
-    """Simulation-estimation: 20 subjects from the statistical model the fit assumes (BSV on f_bl,
-    k_rej, B0, MTT only) at f_bl x1.5, k_rej /1.5, B0 x1.6, MTT /1.2: the 90% intervals cover the truth."""
+    """Simulation-estimation: 20 subjects with BSV on the estimated parameters only (f_bl, k_rej, B0,
+    MTT) at f_bl x1.5, k_rej /1.5, B0 x1.6, MTT /1.2: the 90% intervals cover the truth. (Since OMEGA FIX
+    the fit also carries the file's fixed omegas, so this cohort has less spread than the fit assumes.)"""
     truth, s = _recovery_fit("estimated")
     for name, value in truth.items():
         assert s.loc[name, "q05"] <= value <= s.loc[name, "q95"], (name, value, s.loc[name].to_dict())
@@ -277,11 +282,14 @@ def test_parameter_recovery_when_the_cohort_comes_from_the_fitted_model():
 @pytest.mark.slow
 @pytest.mark.xfail(
     strict=True,
-    reason="measured: with the file's BSV on every parameter (alpha and rho 0.3 log-SD, not estimated) "
-    "the fit puts alpha low (0.119 vs 0.15) and k_rej high: k_rej q05 0.108 > truth 0.100 (seed 2024)",
+    reason="measured before OMEGA FIX, when the fit held alpha and rho at one typical value: the fit put "
+    "alpha low (0.119 vs 0.15) and k_rej high: k_rej q05 0.108 > truth 0.100 (seed 2024). The fit now keeps "
+    "eta with fixed omega on every parameter the file gives BSV, so this case is the well-specified one; NOT "
+    "re-measured yet (a 20-minute run): run pytest -m slow -k unmodelled and remove this xfail if it passes",
 )
 def test_parameter_recovery_with_unmodelled_bsv_on_alpha_and_rho():
-    """The same truth, but the cohort also varies in parameters the fit holds at one typical value."""
+    """The same truth, with the file's full BSV: every parameter with bsv.sd > 0 varies, as the fit
+    (estimated omegas plus OMEGA FIX) assumes."""
     truth, s = _recovery_fit("file")
     for name, value in truth.items():
         assert s.loc[name, "q05"] <= value <= s.loc[name, "q95"], (name, value, s.loc[name].to_dict())

@@ -4,7 +4,8 @@ Data flows down, one job per module:
 
 ``data`` (NONMEM-style cohorts) -> ``spec`` (model files under ``models/``) -> ``structural``
 (CAR-NK kinetics and B-lineage ODE) -> ``statistical`` (PyMC model) -> ``inference`` (sampling) ->
-``diagnostics`` -> ``remission`` / ``doses`` (predictions and simulation) -> ``export`` -> ``cli``.
+``diagnostics`` -> ``population`` (the population model as individual subjects:
+``simulate_population``) -> ``remission`` / ``doses`` (predictions and simulation) -> ``export`` -> ``cli``.
 """
 
 from importlib.metadata import PackageNotFoundError, version
@@ -32,6 +33,9 @@ def __getattr__(name: str):
         "Fit": "carnk_pkpd.fits",
         "load_fit": "carnk_pkpd.fits",
         "predict_remission": "carnk_pkpd.remission",
+        "simulate_population": "carnk_pkpd.population",
+        "PopulationDraws": "carnk_pkpd.population",
+        "SubjectDesign": "carnk_pkpd.population",
     }
     if name in lazy:
         import importlib

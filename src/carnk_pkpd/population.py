@@ -553,7 +553,7 @@ def individual_parameters(
     uses the fitted subjects' own deviations (``pop.eta_z``, matched by subject ID; needs a fit) and
     draws nothing. ``z`` gives new subjects' standardised deviations explicitly, ``{name: (draw,
     subject)}`` (e.g. a cohort simulator that keeps its own stream); parameters missing from it are
-    drawn from ``rng``.
+    drawn from ``rng``, or take z = 0 when ``rng`` is None.
     """
     if new_subjects and rng is None and z is None:
         raise ValueError("new_subjects=True needs a random generator (rng)")
@@ -574,9 +574,9 @@ def individual_parameters(
     out = {}
     for name in pop.names:
         if new_subjects:
-            if z is not None and name in z:
+            if z is not None and (name in z or rng is None):
                 z_dl = np.zeros(n_d)
-                z_s = np.broadcast_to(np.asarray(z[name], float), (n_d, n_s))
+                z_s = np.broadcast_to(np.asarray(z.get(name, 0.0), float), (n_d, n_s))
             else:
                 z_dl = rng.standard_normal(n_d)
                 z_s = rng.standard_normal((n_d, n_s))
