@@ -329,14 +329,13 @@ def predict_cmd(
     """
     from pathlib import Path
 
-    import pandas as pd
     from rich.console import Console
     from rich.table import Table
 
     from carnk_pkpd.errors import FitError
     from carnk_pkpd.fits import load_fit
     from carnk_pkpd.regimen import Regimen
-    from carnk_pkpd.remission import predict_by_dose_level, predict_remission, prediction_table
+    from carnk_pkpd.remission import run_predict
 
     try:
         days = [float(v) for v in visits.split(",") if v.strip()]
@@ -370,25 +369,10 @@ def predict_cmd(
     console = Console()
     tag = "[bold red]SYNTHETIC[/] " if fit.synthetic else ""
     try:
-        if regimen is not None:
-            ds = predict_remission(fit, regimen, days, n_patients, seed, published=published)
-            table = prediction_table(ds, regimen)
-            title = f"{tag}Remission for a new patient: {regimen.label}"
-        else:
-            ds = predict_by_dose_level(fit, days, n_patients, seed, published=published)
-            parts = []
-            for lab in ds["dose_level"].values:
-                sub = ds.sel(dose_level=lab)
-                reg = Regimen(float(sub["dose"]), float(sub["interval"]), int(sub["n_infusions"]), 1.0)
-                parts.append(prediction_table(sub, reg).assign(dose_level=str(lab)))
-            table = pd.concat(parts, ignore_index=True)
-            title = f"{tag}Remission for a new patient, by dose level"
+        table, ds = run_predict(fit, regimen, days, n_patients, seed, published=published)
     except ValueError as exc:
         raise _predict_fail(str(exc), 1) from None
-    cols = ["endpoint", "day", "median", "q05", "q95", "dose", "interval", "n_infusions", "ld_scale", "mean"]
-    if "dose_level" in table:
-        cols = ["dose_level", *cols]
-    table = table[cols]
+    title = f"{tag}Remission for a new patient" + (f": {regimen.label}" if regimen else ", by dose level")
     # compact display (the CSV keeps every column): regimen as '3 x 2e9 q3d', interval in brackets
     rich_table = Table(title=title)
     shown = (["dose_level"] if "dose_level" in table else []) + [
@@ -451,6 +435,9 @@ def doses_cmd(
     w_cells: float = typer.Option(0.01, "--w-cells", help="Utility weight per 10⁹ cells given."),
     cmax_threshold: float = typer.Option(100.0, "--cmax-threshold", help="Safety proxy (CAR-NK cells/µL)."),
     top: int = typer.Option(10, "--top", min=1, help="Rows of the ranking to print."),
+    assumed_link: bool = typer.Option(
+        False, "--assumed-link", help="Use the model file's ASSUMED remission link instead of the fitted one."
+    ),
 ) -> None:
     """Rank dosing regimens by simulated remission, target attainment and safety (writes ranking.csv)."""
     from pathlib import Path
@@ -459,7 +446,7 @@ def doses_cmd(
     from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
     from rich.table import Table
 
-    from carnk_pkpd.doses import GridError, Utility, load_grid, rank_regimens, ranking_table, write_results
+    from carnk_pkpd.doses import GridError, Utility, load_grid, ranking_table, run_search, write_results
     from carnk_pkpd.errors import FitError
     from carnk_pkpd.fits import load_fit
 
@@ -472,25 +459,7 @@ def doses_cmd(
         raise typer.Exit(1) from None
     utility = Utility(w_remission, w_safety, w_cells, cmax_threshold)
     dest = Path(out) if out else Path("doses") / Path(fit_dir).name
-    remission = None
-    rem_file = Path(fit_dir) / "remission.nc"
-    if rem_file.exists():
-        import xarray as xr
-
-        with xr.open_dataset(rem_file) as f:
-            remission = f.load()
-    client = cluster = None
     try:
-        if scheduler or workers > 0:
-            from dask.distributed import Client, LocalCluster
-
-            if scheduler:
-                client = Client(scheduler)
-            else:
-                cluster = LocalCluster(
-                    n_workers=workers, threads_per_worker=1, processes=False, dashboard_address=None
-                )
-                client = Client(cluster)
         with Progress(
             TextColumn("simulating regimens"),
             BarColumn(),
@@ -504,27 +473,23 @@ def doses_cmd(
             def tick(done: int, total: int) -> None:
                 bar.update(task, completed=done, total=total)
 
-            ds = rank_regimens(
+            ds = run_search(
                 fit,
                 regimens,
                 n_draws=draws,
                 n_patients=patients,
                 seed=seed,
                 utility=utility,
-                client=client,
                 da_target=da_target,
-                remission=remission,
+                assumed_link=assumed_link,
+                scheduler=scheduler,
+                workers=workers,
                 progress=tick,
             )
         write_results(ds, dest)
     except (ValueError, OSError) as e:
         typer.echo(f"Error: {e}", err=True)
         raise typer.Exit(1) from None
-    finally:
-        if client is not None:
-            client.close()
-        if cluster is not None:
-            cluster.close()
     syn = "SYNTHETIC — " if fit.synthetic else ""
     table = Table(title=f"{syn}top regimens ({ds.attrs['utility']})")
     cols = [
