@@ -23,9 +23,12 @@ from carnk_pkpd.spec import load_model
 
 
 def tiny_cohort(blq_car_day: float = 90.0) -> Cohort:
-    """One DL4 subject: 3 infusions, CAR-NK at days 1, 7 and a BLQ sample, B cells at 7, 28 (BLQ), 120."""
+    """One DL4 subject: LD on days -5..-3 (EVID=2), 3 infusions, CAR-NK at days 1, 7 and a BLQ sample,
+    B cells at 7, 28 (BLQ), 120."""
     rows = [
         ("1", -5, 2, 0, 0, np.nan, 1, 0, np.nan),
+        ("1", -4, 2, 0, 0, np.nan, 1, 0, np.nan),
+        ("1", -3, 2, 0, 0, np.nan, 1, 0, np.nan),
         ("1", 0, 1, 3, 0, np.nan, 1, 0, np.nan),
         ("1", 1, 0, 0, 1, 20.0, 0, 0, 0.1),
         ("1", 3, 1, 3, 0, np.nan, 1, 0, np.nan),
