@@ -565,9 +565,7 @@ def individual_parameters(
                 f"new_subjects=False needs fitted subjects; not in the fit: {', '.join(missing[:5])}"
             )
         col = np.array([pop.subjects.index(i) for i in design.ids], dtype=int)
-    dl_index = np.array(
-        [pop.dose_levels.index(d) if d in pop.dose_levels else -1 for d in design.dose_levels], dtype=int
-    )
+    dl_index = np.array([_dose_level_index(d, pop.dose_levels) for d in design.dose_levels], dtype=int)
     effects: dict[str, list[CovariateEffect]] = {}
     for eff in pop.covariates:
         effects.setdefault(eff.parameter, []).append(eff)
@@ -607,6 +605,20 @@ def individual_parameters(
             log_p = log_p + pop.omega[name][:, None] * zz
         out[name] = np.exp(log_p)
     return out
+
+
+def _dose_level_index(label: str, fitted: Sequence[str]) -> int:
+    """Position of a dose level among the fitted ones, matching a model-file key (``DL4``) with the
+    cohort's DL label (``4``); −1 for a new dose level."""
+
+    def norm(x: str) -> str:
+        x = str(x).strip()
+        x = x[2:] if x[:2].upper() == "DL" and len(x) > 2 else x
+        return x[:-2] if x.endswith(".0") and x[:-2].isdigit() else x
+
+    keys = [norm(f) for f in fitted]
+    n = norm(label)
+    return keys.index(n) if n in keys else -1
 
 
 @dataclass(frozen=True)
