@@ -65,7 +65,7 @@ def test_log_parameters_have_mean_log_typical_and_sd_omega_for_estimated_and_fix
     design = SubjectDesign.from_regimen(spec, Regimen(3.0, 3.0, 3), 20000)
     theta = individual_parameters(pop, design, np.random.default_rng(5))
     assert spec.parameters["f_bl"].bsv_estimate and not spec.parameters["rho"].bsv_estimate
-    for name in ("f_bl", "B0", "rho", "k_kmax", "k_h"):  # estimated, estimated, fixed, fixed, none
+    for name in ("f_bl", "B0", "rho", "EC50", "k_kmax"):  # estimated, estimated, fixed, fixed, none
         for d in range(2):
             sd = float(omega[name][d]) if name in omega else 0.0
             _check_log_moments(theta[name][d], np.log(typ[name][d]), sd)
