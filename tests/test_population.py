@@ -227,3 +227,34 @@ estimate = false""",
     y = np.array(list(b_obs.values()))
     expected = norm.logpdf(np.log(y), np.log(b + 1e-9), 0.3) - np.log(y)
     np.testing.assert_allclose(np.asarray(ll), expected, rtol=2e-3)
+
+
+def _qpcr_fit(spec, conv_sd: float):
+    """A hand-built posterior (2 chains x 500 draws) of f_bl and copies_per_cell."""
+    import xarray as xr
+
+    from carnk_pkpd.fits import Fit
+
+    rng = np.random.default_rng(4)
+    lf = rng.normal(np.log(0.02), 0.9, (2, 500))
+    if conv_sd > 0.5:  # the factor moves against f_bl: only the product is pinned down
+        lc = np.log(1000.0) + (np.log(0.02) - lf) + rng.normal(0.0, 0.05, lf.shape)
+    else:  # the factor is informed on its own
+        lc = rng.normal(np.log(1000.0), conv_sd, lf.shape)
+    post = xr.Dataset(
+        {"f_bl": (("chain", "draw"), np.exp(lf)), "copies_per_cell": (("chain", "draw"), np.exp(lc))},
+        coords={"chain": [0, 1], "draw": np.arange(500)},
+    )
+    tree = xr.DataTree.from_dict({"posterior": post})
+    return lambda: Fit(spec=spec, cohort=None, idata=tree)
+
+
+def test_fit_warns_when_qpcr_identifies_only_the_product_f_bl_times_copies_per_cell(spec):
+    with pytest.warns(UserWarning, match="copies_per_cell.*product is identified"):
+        _qpcr_fit(spec, 0.9)()
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        fit = _qpcr_fit(spec, 0.2)()
+    assert fit.conversion_warnings() == []
