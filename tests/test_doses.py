@@ -224,23 +224,22 @@ def _reference_metrics(spec, params, regimen):
     from carnk_pkpd.structural import derived_metrics
 
     ev = spec.events
-    p = dict(params)
-    p["k_LD0"] = np.asarray(p.get("k_LD0", spec.parameters["k_LD0"].typical), float) * regimen.ld_scale
     return derived_metrics(
-        p,
+        params,
         regimen.doses(),
         spec,
         reappearance_threshold=ev["reappearance_threshold"],
         reconstitution_threshold=ev["reconstitution_threshold"],
         aplasia_threshold=ev["aplasia_threshold"],
         aplasia_window=tuple(ev["aplasia_window"]),
+        ld=regimen.ld_scale,
     )
 
 
-@pytest.mark.parametrize("regimen", [Regimen(2.0, 3.0, 3), Regimen(0.5, 7.0, 3)])
+@pytest.mark.parametrize("regimen", [Regimen(2.0, 3.0, 3), Regimen(0.5, 7.0, 3), Regimen(3.0, 3.0, 3, 0.0)])
 def test_search_metrics_equal_derived_metrics(regimen):
-    """The dose search's per-patient metrics are derived_metrics' for the same parameters, within the
-    search grid's accuracy: days within 0.25 d (crossings; Tmax on a 0.25-d CAR-NK grid), Cmax and AUC
+    """The dose search's per-patient metrics are derived_metrics' for the same parameters (and LD
+    intensity, 0 = no LD), within the output grid's resolution: days within 0.25 d (crossings; Tmax on a 0.25-d CAR-NK grid), Cmax and AUC
     within 0.5%, nadir within the solver tolerance; "never happens" is NaN in both."""
     from carnk_pkpd.spec import load_model
     from carnk_pkpd.structural.metrics import UNITS
@@ -263,15 +262,14 @@ def test_search_metrics_equal_derived_metrics(regimen):
     # the nadir day is ill-conditioned (B flat near 1e-6 cells/µL): check B there is the nadir instead
     from carnk_pkpd.structural import simulate
 
-    p = dict(params)
-    p["k_LD0"] = np.full(60, spec.parameters["k_LD0"].typical * regimen.ld_scale)
     t = np.arange(0.0, 365.001, 0.25)
-    b = simulate(p, regimen.doses(), t, spec)["bcell"].values
+    b = simulate(params, regimen.doses(), t, spec, ld=regimen.ld_scale)["bcell"].values
     at = np.array([np.interp(d, t, np.log(row)) for d, row in zip(got["b_nadir_day"], b, strict=True)])
     np.testing.assert_allclose(np.exp(at), ref["b_nadir"].values, rtol=0.5, atol=1e-3)
 
 
 def test_no_ld_regimen_has_no_ld_kill():
+    # the search's own solve (patient_metrics is _simulate, as in rank_regimens)
     """ld_scale 0 and no cells: nothing kills B, which stays at B0; with LD (ld_scale 1) it falls."""
     from carnk_pkpd.spec import load_model
 
@@ -331,3 +329,36 @@ def test_predict_and_doses_give_the_same_p_doris(small_fit):
     # SE of a median of n values ~ 1.2533·SD/sqrt(n); two independent estimates: sqrt(2) of that
     se = np.sqrt(2.0) * 1.2533 * p_doses.std(ddof=1) / np.sqrt(p_doses.size)
     assert abs(np.median(p_doses) - p_pred) < max(4.0 * se, 0.02), (np.median(p_doses), p_pred, se)
+
+
+def _with_dose_effect(tmp_path, beta: float):
+    """The reference model plus a power effect of DOSE on f_bl with β at ``beta`` (prior mean)."""
+    from carnk_pkpd.spec import load_model
+
+    base = load_model("reference")
+    text = base.text + (
+        '\n[[covariates]]\nparameter = "f_bl"\ncovariate = "DOSE"\nform = "power"\ncenter = 2.0\n'
+        f'prior = {{ dist = "Normal", mu = {beta}, sigma = 0.5 }}\n'
+    )
+    path = tmp_path / f"dose_effect_{beta:g}.toml"
+    path.write_text(text, encoding="utf-8")
+    return load_model(path)
+
+
+def test_dose_power_effect_scales_the_parameter_in_the_search(tmp_path):
+    """f_bl_i = f_bl·(DOSE/2)^β·exp(η): Cmax is proportional to f_bl·dose, so with the same virtual
+    patients (same seed) each patient's Cmax, and hence the per-draw median, is multiplied by
+    (dose/2)^β against β = 0, and by (d2/d1)^(1+β) between two doses."""
+    from carnk_pkpd.population import PopulationDraws
+
+    beta = 0.6
+    regs = [Regimen(1.0, 7.0, 3), Regimen(4.0, 7.0, 3)]
+    out = {}
+    for b in (0.0, beta):
+        spec = _with_dose_effect(tmp_path, b)
+        pop = PopulationDraws.from_model(spec, n_draws=3, seed=0)
+        out[b] = rank_regimens(pop, regs, n_draws=3, n_patients=8, seed=4, remission=assumed_link(spec))
+    c0, c1 = out[0.0]["cmax_median"].values, out[beta]["cmax_median"].values
+    for i, r in enumerate(regs):
+        np.testing.assert_allclose(c1[i] / c0[i], (r.dose / 2.0) ** beta, rtol=1e-9)
+    np.testing.assert_allclose(c1[1] / c1[0], 4.0 ** (1.0 + beta), rtol=1e-9)

@@ -1,7 +1,10 @@
 """Dose selection: simulate virtual patients under candidate regimens and rank the regimens.
 
-For each regimen, ``n_draws`` posterior draws each give ``n_patients`` new virtual patients (fresh
-between-subject deviations). Every population quantity (P(DORIS), P(LLDAS), target attainment, Cmax,
+For each regimen, ``n_draws`` posterior draws each give ``n_patients`` new virtual patients, made by
+the population layer (:func:`carnk_pkpd.population.individual_parameters`: dose-level tier, covariate
+effects with DOSE following the regimen, Ω with fixed ω where the file fixes it) and solved on the one
+solver-grid rule (:func:`carnk_pkpd.population.solver_rate_bounds`, default accuracy) with the
+regimen's lymphodepletion window and intensity. Every population quantity (P(DORIS), P(LLDAS), target attainment, Cmax,
 reconstitution day, ...) is computed per draw over that draw's patients; its 90% interval is the
 5–95% quantiles across draws (parameter uncertainty). The best regimen of each draw is the argmax of
 the utility, so ``p_best`` sums to 1 over regimens.
@@ -35,7 +38,6 @@ from carnk_pkpd.regimen import Regimen
 
 __all__ = [
     "GridError",
-    "PosteriorSample",
     "Utility",
     "default_grid",
     "load_grid",
@@ -47,13 +49,7 @@ __all__ = [
     "write_results",
 ]
 
-#: Solver settings for the dose search, coarser than ``"default"`` (about 150 instead of 250 nodes;
-#: 1.7x faster). Measured on 3 regimens x 100 prior draws x 40 patients against the ``"default"``-like
-#: grid: per-draw median DA and reconstitution day within 0.15 day, P(DORIS) within 0.002, Cmax exact
-#: (closed form); a target-attainment fraction may move by one patient at the threshold.
-SEARCH_ACCURACY: dict[str, float] = dict(
-    h_dose=1.0, dose_days=4.0, h_active=2.0, active_days=40.0, h_late=4.0, k_tr_steps=1.0, sweeps=2
-)
+ACCURACY = "default"  # the solver accuracy of every prediction (structural.solve.ACCURACY)
 MAX_SUBJECTS_PER_TASK = 2000  # draws per task = max(1, this // n_patients); fixed, not worker-dependent
 HORIZON = 365.0  # days simulated after the first infusion
 B_PLOT_TIMES = np.arange(0.0, HORIZON + 0.5, 5.0)  # days, median B trajectories
@@ -231,60 +227,11 @@ _LABELS = {
     "pta_depleted_d14": "P(B < 1/µL by day 14)",
     "p_cmax_high": "P(Cmax > threshold)",
     "cmax_median": "median CAR-NK Cmax (cells/µL)",
-    "recon_day_median": "median B reconstitution day",
+    "recon_day_median": "median B reconstitution day (not back by day 365: 365; never depleted: 0)",
     "b_nadir_median": "median B nadir (cells/µL)",
     "da_median": "median aplasia duration (days)",
 }
 SUMMARY_VARS = tuple(_LABELS)
-
-
-# --- posterior ----------------------------------------------------------------------------------------
-@dataclass
-class PosteriorSample:
-    """Population draws in natural units: ``typical[name]``, ``omega[name]`` (log-scale BSV SD) and
-    ``omega_dl[name]`` (dose-level tier SD), each of shape ``(n_draws,)``."""
-
-    spec: Any
-    typical: dict[str, np.ndarray]
-    omega: dict[str, np.ndarray]
-    omega_dl: dict[str, np.ndarray]
-    n_transit: int
-    synthetic: bool = True
-
-    @property
-    def n_draws(self) -> int:
-        return next(iter(self.typical.values())).shape[0]
-
-    @classmethod
-    def from_fit(cls, fit: Any) -> PosteriorSample:
-        """The posterior of a :class:`~carnk_pkpd.fits.Fit` (all chains and draws)."""
-        pop = fit.population_parameters().stack(sample=("chain", "draw"))
-        post = fit.posterior.stack(sample=("chain", "draw"))
-        typ = {k: np.asarray(pop[k].values, float) for k in pop.data_vars}
-        om = {k: np.asarray(post[f"omega_{k}"].values, float) for k in typ if f"omega_{k}" in post}
-        omdl = {k: np.asarray(post[f"omega_DL_{k}"].values, float) for k in typ if f"omega_DL_{k}" in post}
-        return cls(fit.spec, typ, om, omdl, fit.n_transit, fit.synthetic)
-
-    @classmethod
-    def from_priors(cls, spec: Any, n_draws: int, seed: int) -> PosteriorSample:
-        """Draws from the model file's priors (LogNormal / Normal; others at the typical value) with the
-        file's BSV SDs — a stand-in posterior for benchmarks, marked SYNTHETIC."""
-        rng = np.random.default_rng(seed)
-        typ, om = {}, {}
-        for name, p in spec.parameters.items():
-            if name == "n_transit":
-                continue
-            pr = p.prior or {}
-            if pr.get("dist") == "LogNormal":
-                typ[name] = np.exp(rng.normal(pr["mu"], pr["sigma"], n_draws))
-            elif pr.get("dist") == "Normal":
-                typ[name] = rng.normal(pr["mu"], pr["sigma"], n_draws)
-            else:
-                typ[name] = np.full(n_draws, float(p.typical))
-            if p.bsv_sd > 0:
-                om[name] = np.full(n_draws, float(p.bsv_sd))
-        n_tr = int(round(spec.parameters["n_transit"].typical))
-        return cls(spec, typ, om, {}, n_tr, True)
 
 
 # --- one task -----------------------------------------------------------------------------------------
@@ -300,7 +247,7 @@ class _Settings:
     cmax_threshold: float
     events: dict[str, Any]
     metric: str
-    accuracy: dict[str, float]
+    sweeps: int
 
 
 def _events(spec: Any) -> dict[str, Any]:
@@ -314,12 +261,34 @@ def _events(spec: Any) -> dict[str, Any]:
     )
 
 
-def _regimen_nodes(reg: Regimen, st: _Settings, k_tr_max: float) -> np.ndarray:
-    """Node times (days) for one regimen, padded with repeats of the last node to ``n_nodes``."""
+def _regimen_ld(spec: Any, reg: Regimen, n: int) -> dict[str, np.ndarray]:
+    """The solver's LD inputs for ``n`` new patients on ``reg`` (the population layer's design)."""
+    from carnk_pkpd.population import SubjectDesign
+
+    return SubjectDesign.from_regimen(spec, reg, n).ld(spec)
+
+
+def _regimen_nodes(reg: Regimen, st: _Settings, spec: Any) -> np.ndarray:
+    """Node times (days) for one regimen, padded with repeats of the last node to ``n_nodes``.
+
+    One grid serves every patient of the regimen: the one rate-bound rule
+    (:func:`carnk_pkpd.population.solver_rate_bounds`, transit and kill caps) at default accuracy,
+    with nodes at the regimen's LD window, infusions, visits and the aplasia window.
+    """
+    from carnk_pkpd.population import solver_rate_bounds
     from carnk_pkpd.structural.solve import make_grid
 
+    k_tr_max, k_kill_max = solver_rate_bounds(spec)
     req = np.array([0.0, 14.0, *VISITS.values(), *st.events["aplasia_window"], HORIZON])
-    g = make_grid([reg.doses()], [np.unique(req)], st.accuracy, k_tr=k_tr_max)
+    g = make_grid(
+        [reg.doses()],
+        [np.unique(req)],
+        ACCURACY,
+        k_tr=k_tr_max,
+        k_kill=k_kill_max,
+        ld=_regimen_ld(spec, reg, 1),
+        bucket=1,
+    )
     nodes = np.unique(g.nodes[0])
     if st.n_nodes <= 0:
         return nodes
@@ -329,11 +298,16 @@ def _regimen_nodes(reg: Regimen, st: _Settings, k_tr_max: float) -> np.ndarray:
 
 
 def _simulate(
-    theta: dict[str, np.ndarray], reg: Regimen, nodes: np.ndarray, st: _Settings
+    theta: dict[str, np.ndarray],
+    reg: Regimen,
+    nodes: np.ndarray,
+    st: _Settings,
+    ld: dict[str, np.ndarray],
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray, dict[str, np.ndarray]]:
     """B cells at the nodes ≥ 0, CAR-NK at ``st.car_times`` and every per-patient metric.
 
-    ``theta`` holds ``(S,)`` arrays (``k_LD0`` already scaled by the regimen's ``ld_scale``).
+    ``theta`` holds ``(S,)`` arrays of individual parameters, ``ld`` the solver's ``(S,)`` LD inputs
+    (window and intensity: ``ld_scale`` 0 means no LD kill).
     Returns ``(t_b, b, car, metrics)``: days, cells/µL ``(S, n)``, cells/µL ``(S, n_car)`` and the
     metrics of :func:`carnk_pkpd.structural.metrics.metrics_from_paths` (NaN = never happens).
     """
@@ -353,8 +327,9 @@ def _simulate(
             d,
             a,
             n_transit=st.n_transit,
-            sweeps=int(st.accuracy["sweeps"]),
+            sweeps=st.sweeps,
             structure=st.structure,
+            ld=ld,
         )
     )
     sel = nodes >= 0.0
@@ -364,7 +339,7 @@ def _simulate(
     pre = doses[(doses[:, 0] > CAR_WINDOW[0]) & (doses[:, 0] <= CAR_WINDOW[1]), 0] - 1e-9
     t_all = np.concatenate([st.car_times, pre])
     car_all = np.asarray(
-        car_closed_form(theta, d, a, np.broadcast_to(t_all, (S, t_all.size)), structure=st.structure)
+        car_closed_form(theta, d, a, np.broadcast_to(t_all, (S, t_all.size)), structure=st.structure, ld=ld)
     )
     car = car_all[:, : st.car_times.size]
     in_win = (t_all >= CAR_WINDOW[0] - 1e-9) & (t_all <= CAR_WINDOW[1] + 1e-9)
@@ -391,8 +366,6 @@ def _car_times(regimens: Sequence[Regimen]) -> np.ndarray:
 def _settings(
     spec: Any,
     regimens: Sequence[Regimen],
-    n_transit: int,
-    k_tr_max: float,
     *,
     n_patients: int = 1,
     da_target: float = 45.0,
@@ -400,9 +373,11 @@ def _settings(
     metric: str = "DA",
 ) -> tuple[_Settings, list[np.ndarray]]:
     """Settings shared by every task, and each regimen's padded node grid (one shape: one compile)."""
+    from carnk_pkpd.structural.solve import ACCURACY as SOLVER_ACCURACY
+
     args = dict(
         n_patients=n_patients,
-        n_transit=n_transit,
+        n_transit=int(round(spec.parameters["n_transit"].typical)),
         structure=spec.structure,
         n_dose=max(r.n_infusions for r in regimens),
         car_times=_car_times(regimens),
@@ -410,42 +385,33 @@ def _settings(
         cmax_threshold=cmax_threshold,
         events=_events(spec),
         metric=metric,
-        accuracy=SEARCH_ACCURACY,
+        sweeps=int(SOLVER_ACCURACY[ACCURACY]["sweeps"]),
     )
     st0 = _Settings(n_nodes=0, **args)
-    n_nodes = max(_regimen_nodes(r, st0, k_tr_max).size for r in regimens)
+    n_nodes = max(_regimen_nodes(r, st0, spec).size for r in regimens)
     st = _Settings(n_nodes=n_nodes, **args)
-    return st, [_regimen_nodes(r, st, k_tr_max) for r in regimens]
+    return st, [_regimen_nodes(r, st, spec) for r in regimens]
 
 
-def patient_metrics(
-    params: Mapping[str, Any], regimen: Regimen, spec: Any, n_transit: int | None = None
-) -> dict[str, np.ndarray]:
+def patient_metrics(params: Mapping[str, Any], regimen: Regimen, spec: Any) -> dict[str, np.ndarray]:
     """The dose search's per-patient metrics for given individual parameters (natural units).
 
     ``params`` maps structural parameter names to ``(S,)`` arrays (the file's typical value where
-    missing); ``regimen.ld_scale`` multiplies ``k_LD0``. Returns the metrics of
+    missing); the regimen gives the infusions and the LD window and intensity. Returns the metrics of
     :func:`carnk_pkpd.structural.metrics.metrics_from_paths` (days, cells/µL, cells/µL·day; NaN when
     the event never happens), computed exactly as inside :func:`rank_regimens`.
     """
     from carnk_pkpd.structural import resolve_parameters
 
-    p = dict(params)
-    if n_transit is not None:
-        p["n_transit"] = n_transit
-    theta, n_tr, _ = resolve_parameters(p, spec)
+    theta, _, n = resolve_parameters(params, spec)
     theta = {k: np.array(v, float) for k, v in theta.items()}
-    theta["k_LD0"] = theta["k_LD0"] * regimen.ld_scale
-    k_tr_max = float(np.max(n_tr / theta["MTT"]))
-    st, nodes = _settings(spec, [regimen], n_tr, k_tr_max)
-    return _simulate(theta, regimen, nodes[0], st)[3]
+    st, nodes = _settings(spec, [regimen])
+    return _simulate(theta, regimen, nodes[0], st, _regimen_ld(spec, regimen, n or 1))[3]
 
 
 def _run_task(
     reg: Regimen,
-    typ: dict[str, np.ndarray],
-    omega: dict[str, np.ndarray],
-    omega_dl: dict[str, np.ndarray],
+    pop: Any,
     link: xr.Dataset,
     seed_seq: np.random.SeedSequence,
     n_real: int,
@@ -454,26 +420,21 @@ def _run_task(
 ) -> dict[str, np.ndarray]:
     """Simulate one (regimen, draw-chunk): per-draw population quantities over ``n_patients`` patients.
 
-    Arrays in ``typ``/``omega``/``omega_dl`` have shape ``(chunk_draws,)`` and ``link`` holds one link
-    draw per chunk draw (padded; the first ``n_real`` are real). Returns arrays of shape ``(n_real,)``
-    and median trajectories ``(n_real, n_time)``.
+    ``pop`` (:class:`~carnk_pkpd.population.PopulationDraws`) and ``link`` hold the chunk's draws
+    (padded; the first ``n_real`` are real). The patients come from
+    :func:`~carnk_pkpd.population.individual_parameters` with a generator made from ``seed_seq``, so
+    every regimen sees the same patients. Returns arrays of shape ``(n_real,)`` and median trajectories
+    ``(n_real, n_time)``.
     """
+    from carnk_pkpd.population import SubjectDesign, individual_parameters
     from carnk_pkpd.remission import link_probabilities, link_values
 
     rng = np.random.default_rng(seed_seq)
-    cd, n_p = next(iter(typ.values())).shape[0], st.n_patients
-    theta = {}
-    for name in sorted(typ):
-        z_dl = rng.standard_normal((cd, 1))
-        z = rng.standard_normal((cd, n_p))
-        log_p = np.log(typ[name])[:, None] + np.zeros((1, n_p))
-        if name in omega_dl:
-            log_p = log_p + omega_dl[name][:, None] * z_dl
-        if name in omega:
-            log_p = log_p + omega[name][:, None] * z
-        theta[name] = np.exp(log_p).ravel()
-    theta["k_LD0"] = theta["k_LD0"] * reg.ld_scale
-    t_b, b, car, m = _simulate(theta, reg, nodes, st)
+    cd, n_p = pop.n_draws, st.n_patients
+    design = SubjectDesign.from_regimen(pop.spec, reg, n_p)
+    theta = {k: v.reshape(-1) for k, v in individual_parameters(pop, design, rng).items()}
+    ld = {k: np.tile(v, cd) for k, v in design.ld(pop.spec).items()}
+    t_b, b, car, m = _simulate(theta, reg, nodes, st, ld)
     x = link_values(m, st.metric, st.events, HORIZON).reshape(cd, n_p)
     u = link["sigma_u"].values.reshape(cd)[:, None] * rng.standard_normal((cd, n_p))
     out = {}
@@ -528,7 +489,8 @@ def rank_regimens(
     Parameters
     ----------
     fit
-        A :class:`~carnk_pkpd.fits.Fit` or a :class:`PosteriorSample`.
+        A :class:`~carnk_pkpd.fits.Fit` or :class:`~carnk_pkpd.population.PopulationDraws` (e.g.
+        ``PopulationDraws.from_model(spec, n, seed, "prior")``, SYNTHETIC).
     regimens
         Candidate regimens; :func:`default_grid` when None.
     n_draws, n_patients
@@ -544,7 +506,7 @@ def rank_regimens(
     remission
         The remission link (:func:`carnk_pkpd.remission.remission_source`: a stage-2 posterior or the
         ASSUMED :func:`~carnk_pkpd.remission.assumed_link`). None: the fitted link of ``fit`` with
-        ``seed``, exactly what ``predict`` uses (a :class:`PosteriorSample` has none: pass one).
+        ``seed``, exactly what ``predict`` uses (``PopulationDraws`` have none: pass one).
     progress
         Called as ``progress(done, total)`` after each task.
 
@@ -558,13 +520,14 @@ def rank_regimens(
     ------
     ValueError
         No regimens, ``n_draws``/``n_patients`` < 1, a link metric the search does not compute, or no
-        remission link for a :class:`PosteriorSample`.
+        remission link for ``PopulationDraws``.
     """
+    from carnk_pkpd.population import PopulationDraws
     from carnk_pkpd.remission import remission_source, select_draws
     from carnk_pkpd.structural.metrics import UNITS
 
     utility = utility or Utility()
-    post = fit if isinstance(fit, PosteriorSample) else PosteriorSample.from_fit(fit)
+    post = fit if isinstance(fit, PopulationDraws) else PopulationDraws.from_fit(fit)
     spec = post.spec
     regimens = list(regimens) if regimens is not None else default_grid(spec)
     if not regimens:
@@ -572,9 +535,9 @@ def rank_regimens(
     if n_draws < 1 or n_patients < 1:
         raise ValueError("n_draws and n_patients must be >= 1")
     if remission is None:
-        if isinstance(fit, PosteriorSample):
+        if isinstance(fit, PopulationDraws):
             raise ValueError(
-                "a PosteriorSample has no fitted remission link: pass remission= "
+                "PopulationDraws have no fitted remission link: pass remission= "
                 "(e.g. carnk_pkpd.remission.assumed_link(spec), labelled ASSUMED)"
             )
         remission = remission_source(fit, seed=seed)
@@ -597,12 +560,9 @@ def rank_regimens(
     n_chunks = math.ceil(n_sel / per_task)
     chunk_seqs = task_root.spawn(n_chunks)
     link_all = select_draws(remission, n_sel, np.random.default_rng(link_seq))
-    k_tr_max = float(np.max(post.n_transit / post.typical["MTT"]))
     st, nodes_by_reg = _settings(
         spec,
         regimens,
-        post.n_transit,
-        k_tr_max,
         n_patients=n_patients,
         da_target=da_target,
         cmax_threshold=utility.cmax_threshold,
@@ -613,9 +573,7 @@ def rank_regimens(
         idx = take[c * per_task : (c + 1) * per_task]
         n_real = idx.size
         pad = np.concatenate([idx, np.full(per_task - n_real, idx[-1])])
-        typ = {k: v[pad] for k, v in post.typical.items()}
-        om = {k: v[pad] for k, v in post.omega.items()}
-        omdl = {k: v[pad] for k, v in post.omega_dl.items()}
+        pop = post.take(pad)
         sel = np.concatenate(
             [
                 np.arange(c * per_task, c * per_task + n_real),
@@ -623,7 +581,7 @@ def rank_regimens(
             ]
         )
         link = link_all.isel(draw=sel).assign_coords(draw=np.arange(sel.size))
-        return typ, om, omdl, link, n_real
+        return pop, link, n_real
 
     inputs = [chunk_inputs(c) for c in range(n_chunks)]
     tasks = [(r, c) for r in range(len(regimens)) for c in range(n_chunks)]
@@ -631,10 +589,8 @@ def rank_regimens(
     total = len(tasks)
     if client is None:
         for k, (r, c) in enumerate(tasks):
-            typ, om, omdl, link, n_real = inputs[c]
-            results[(r, c)] = _run_task(
-                regimens[r], typ, om, omdl, link, chunk_seqs[c], n_real, nodes_by_reg[r], st
-            )
+            pop, link, n_real = inputs[c]
+            results[(r, c)] = _run_task(regimens[r], pop, link, chunk_seqs[c], n_real, nodes_by_reg[r], st)
             if progress:
                 progress(k + 1, total)
     else:
@@ -642,13 +598,11 @@ def rank_regimens(
 
         futs = {}
         for r, c in tasks:
-            typ, om, omdl, link, n_real = inputs[c]
+            pop, link, n_real = inputs[c]
             f = client.submit(
                 _run_task,
                 regimens[r],
-                typ,
-                om,
-                omdl,
+                pop,
                 link,
                 chunk_seqs[c],
                 n_real,

@@ -109,21 +109,6 @@ def _metric_kwargs(spec: Any, horizon: float, resolution: float) -> dict[str, An
     return kw
 
 
-def _metrics_flat(
-    spec: Any,
-    params: Mapping[str, np.ndarray],
-    n_transit: int,
-    doses: list,
-    horizon: float,
-    resolution: float,
-) -> xr.Dataset:
-    from carnk_pkpd.structural import derived_metrics
-
-    p = {k: np.asarray(v, float).ravel() for k, v in params.items()}
-    p["n_transit"] = n_transit
-    return derived_metrics(p, doses, spec, **_metric_kwargs(spec, horizon, resolution))
-
-
 def exposure_metrics(
     fit: Any, thin: int | None = None, *, horizon: float = 365.0, resolution: float = 0.25
 ) -> xr.Dataset:
@@ -131,15 +116,25 @@ def exposure_metrics(
 
     ``car_cmax`` (cells/µL), ``car_tmax`` (days), ``car_auc_0_28`` (cells/µL·day), ``b_nadir``
     (cells/µL), ``b_nadir_day``, ``reappearance_day``, ``reconstitution_day`` (days; NaN if not reached
-    by ``horizon``), ``DA`` (days). ``thin`` keeps every ``thin``-th draw; doses are each subject's own.
+    by ``horizon``), ``DA`` (days). ``thin`` keeps every ``thin``-th draw. Each subject's own
+    parameters (:meth:`Fit.individual_parameters`, the population layer with the fitted η), infusions
+    and LD window (its EVID=2 rows, :class:`~carnk_pkpd.population.SubjectDesign`).
     """
+    from carnk_pkpd.population import SubjectDesign
+    from carnk_pkpd.structural import derived_metrics
+
     ind = fit.individual_parameters()
     if thin and thin > 1:
         ind = ind.isel(draw=slice(None, None, int(thin)))
     nc, nd, ns = ind.sizes["chain"], ind.sizes["draw"], ind.sizes["subject"]
     params = {k: ind[k].values.reshape(-1) for k in ind.data_vars}
-    doses = [list(s.doses) for s in fit.cohort.subjects] * (nc * nd)
-    m = _metrics_flat(fit.spec, params, int(ind.attrs["n_transit"]), doses, horizon, resolution)
+    params["n_transit"] = int(ind.attrs["n_transit"])
+    design = SubjectDesign.from_cohort(fit.cohort, fit.spec)
+    if design.ids != tuple(str(i) for i in ind["subject"].values):
+        raise ValueError("internal: the fit's subjects and its cohort's subjects are in different orders")
+    ld = {k: np.tile(v, nc * nd) for k, v in design.ld(fit.spec).items()}
+    doses = list(design.doses) * (nc * nd)
+    m = derived_metrics(params, doses, fit.spec, ld=ld, **_metric_kwargs(fit.spec, horizon, resolution))
     out = {
         k: (("chain", "draw", "subject"), m[k].values.reshape(nc, nd, ns), dict(m[k].attrs))
         for k in m.data_vars
@@ -163,16 +158,25 @@ def regimen_metrics(
 ) -> xr.Dataset:
     """Metrics of new virtual patients given ``regimen``, on ``sample, patient``.
 
-    Parameters come from :meth:`Fit.new_patients` (parameter uncertainty and between-subject
-    variability); ``regimen.ld_scale`` multiplies ``k_LD0``.
+    Simulated by the population layer (:func:`carnk_pkpd.population.simulate_population`: parameter
+    uncertainty over ``n_draws`` posterior draws, new η, dose-level tier, covariate effects with DOSE
+    following the regimen, the regimen's LD window and intensity), metrics of
+    :func:`carnk_pkpd.structural.derived_metrics` (NaN = never happens).
     """
-    pars = fit.new_patients(n_patients, seed, n_draws)
-    ns, npat = pars.sizes["sample"], pars.sizes["patient"]
-    params = {k: pars[k].values.reshape(-1) for k in pars.data_vars}
-    if regimen.ld_scale != 1.0 and "k_LD0" in params:
-        params["k_LD0"] = params["k_LD0"] * regimen.ld_scale
-    m = _metrics_flat(fit.spec, params, int(pars.attrs["n_transit"]), regimen.doses(), horizon, resolution)
-    out = {k: (("sample", "patient"), m[k].values.reshape(ns, npat), dict(m[k].attrs)) for k in m.data_vars}
+    from carnk_pkpd.population import simulate_population
+
+    sim = simulate_population(
+        fit,
+        regimen,
+        n_subjects=n_patients,
+        n_draws=n_draws,
+        seed=seed,
+        times=[0.0],
+        observations=False,
+        metric_options=dict(horizon=horizon, resolution=resolution),
+    )
+    ns, npat = sim.sizes["draw"], sim.sizes["subject"]
+    out = {k: (("sample", "patient"), sim[k].values, {"units": u}) for k, u in UNITS.items()}
     return xr.Dataset(
         out,
         coords={"sample": np.arange(ns), "patient": np.arange(npat)},
