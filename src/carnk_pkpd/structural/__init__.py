@@ -133,15 +133,14 @@ def simulate(
     -------
     xarray.Dataset with ``car`` and ``bcell`` (cells/µL) on ``time`` (days).
     """
-    from carnk_pkpd.population import solver_rate_bounds
-    from carnk_pkpd.structural.solve import make_grid, solve
+    from carnk_pkpd.structural.solve import make_grid, rate_bounds, solve
 
     spec = _spec(model)
     theta, n_transit, n_sub = resolve_parameters(params, spec)
     n = 1 if n_sub is None else n_sub
     t = np.asarray(times, float).ravel()
     per = _doses_per_subject(doses, n)
-    k_tr, k_kill = solver_rate_bounds(spec, theta)
+    k_tr, k_kill = rate_bounds(spec, theta)
     grid = make_grid(per, [t] * n, accuracy, k_tr=k_tr, k_kill=k_kill, ld=resolve_ld(ld, spec, n))
     car, bcell = solve(theta, grid, n_transit=n_transit, structure=spec.structure)
     car, bcell = np.asarray(car)[:, : t.size], np.asarray(bcell)[:, : t.size]

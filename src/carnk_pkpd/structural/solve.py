@@ -115,6 +115,43 @@ def _fitted_weights_jvp(primals, tangents):
 
 
 # --- grids --------------------------------------------------------------------------------------------
+RATE_BOUND_SDS = 2.5  # log-scale SDs above the typical value that the solver grid must still resolve
+
+
+def rate_bounds(spec, theta: Mapping[str, np.ndarray] | None = None) -> tuple:
+    """The fastest transit rate n/MTT and maximal kill rate k_kmax (1/day) the solver grid must resolve.
+
+    One rule for fits, predictions, simulations and the dose search: the typical value moved
+    ``RATE_BOUND_SDS`` (2.5) log-scale SDs up, the SD being the prior's (0 when fixed) plus the BSV's
+    (``bsv.sd``, estimated or fixed). Without ``theta`` two floats that depend on the model file only
+    (a fit's grid serves every draw; every subject of a regimen shares one grid). With per-subject
+    values ``theta`` (``MTT``, ``k_kmax`` arrays) the bound is raised to a subject's own rate where
+    that is faster, so an extreme subject is still resolved; each subject's grid then depends on its
+    own parameters only (not on which subjects are solved together).
+    """
+    k_tr, k_kill = _spec_rate_bounds(spec)
+    if theta is None:
+        return k_tr, k_kill
+    n_transit = int(round(spec.parameters["n_transit"].typical))
+    return (
+        np.maximum(k_tr, n_transit / np.asarray(theta["MTT"], float)),
+        np.maximum(k_kill, np.asarray(theta["k_kmax"], float)),
+    )
+
+
+def _spec_rate_bounds(spec) -> tuple[float, float]:
+    n_transit = int(round(spec.parameters["n_transit"].typical))
+
+    def spread(name: str) -> float:
+        par = spec.parameters[name]
+        prior_sd = 0.0 if par.fixed else float((par.prior or {}).get("sigma", 0.0))
+        return RATE_BOUND_SDS * (prior_sd + float(par.bsv_sd))
+
+    k_tr = n_transit / spec.parameters["MTT"].typical * np.exp(spread("MTT"))
+    k_kill = spec.parameters["k_kmax"].typical * np.exp(spread("k_kmax"))
+    return float(k_tr), float(k_kill)
+
+
 ACCURACY = {
     # h_dose: step in the first dose_days after each infusion (N jumps and expands there);
     # h_active: step from −5 to the last infusion + active_days (CAR-NK may still kill);
