@@ -496,7 +496,8 @@ def rank_regimens(
     n_draws, n_patients
         Posterior draws (without replacement when fewer than available) and new patients per draw.
     seed
-        Seeds the draw selection and every task's patients (via ``SeedSequence.spawn``).
+        Seeds the draw selection and the link draws paired with them (as ``predict`` does) and every
+        task's patients (``SeedSequence([seed, 1]).spawn``: per chunk, the same for every regimen).
     utility
         Ranking utility; :class:`Utility` () by default.
     client
@@ -522,18 +523,21 @@ def rank_regimens(
         No regimens, ``n_draws``/``n_patients`` < 1, a link metric the search does not compute, or no
         remission link for ``PopulationDraws``.
     """
-    from carnk_pkpd.population import PopulationDraws
+    from carnk_pkpd.population import PopulationDraws, population_from
     from carnk_pkpd.remission import remission_source, select_draws
     from carnk_pkpd.structural.metrics import UNITS
 
     utility = utility or Utility()
-    post = fit if isinstance(fit, PopulationDraws) else PopulationDraws.from_fit(fit)
+    if n_draws < 1 or n_patients < 1:
+        raise ValueError("n_draws and n_patients must be >= 1")
+    # the draws and their link draws are chosen from ``seed`` exactly as predict chooses them
+    # (population_from, then remission.select_draws with default_rng(seed)), so for the same fit,
+    # seed and number of draws the two commands differ only in their virtual patients
+    post = population_from(fit, n_draws, seed)
     spec = post.spec
     regimens = list(regimens) if regimens is not None else default_grid(spec)
     if not regimens:
         raise ValueError("no regimens to rank")
-    if n_draws < 1 or n_patients < 1:
-        raise ValueError("n_draws and n_patients must be >= 1")
     if remission is None:
         if isinstance(fit, PopulationDraws):
             raise ValueError(
@@ -546,20 +550,13 @@ def rank_regimens(
         raise ValueError(
             f"remission link metric {metric!r} is not a metric the search computes: {list(UNITS)}"
         )
-    root = np.random.SeedSequence(seed)
-    select_seq, task_root, link_seq = root.spawn(3)
-    n_total = post.n_draws
-    take = (
-        np.arange(n_total)
-        if n_draws >= n_total
-        else np.sort(np.random.default_rng(select_seq).choice(n_total, size=n_draws, replace=False))
-    )
+    take = np.arange(post.n_draws)
     n_sel = take.size
     per_task = max(1, MAX_SUBJECTS_PER_TASK // n_patients)
     per_task = min(per_task, n_sel)
     n_chunks = math.ceil(n_sel / per_task)
-    chunk_seqs = task_root.spawn(n_chunks)
-    link_all = select_draws(remission, n_sel, np.random.default_rng(link_seq))
+    chunk_seqs = np.random.SeedSequence([seed, 1]).spawn(n_chunks)
+    link_all = select_draws(remission, n_sel, np.random.default_rng(seed))
     st, nodes_by_reg = _settings(
         spec,
         regimens,
@@ -627,7 +624,7 @@ def rank_regimens(
     }
     coords = dict(
         regimen=np.arange(len(regimens)),
-        draw=take,
+        draw=post.draw,
         label=("regimen", [_label(r) for r in regimens]),
         dose=("regimen", [r.dose for r in regimens], {"units": "1e9 cells per infusion"}),
         interval=("regimen", [r.interval for r in regimens], {"units": "days"}),

@@ -44,7 +44,14 @@ Gauss–Hermite). These patients are very likely also in the individual data (sa
 visits are not available.
 
 The stage-2 posterior is stored as ``fits/NAME/remission.nc`` (atomically) and reused when its inputs
-(metric, thinning, K, seed, data hash, published file) match.
+(metric, thinning, K, seed, hashes of the data, posterior and model file, published file, link format)
+match. :func:`remission_source` is the one place every prediction gets its link from: this fitted link
+(``predict`` and ``doses`` alike, so neither depends on whether the other ran first), or the model
+file's link only when asked for (:func:`assumed_link`, labelled ASSUMED).
+
+Stage-1 metrics follow :mod:`carnk_pkpd.structural.metrics` (an event that never happens is NaN);
+:func:`link_values` is the one place NaN becomes a number for the link, and
+:func:`link_probabilities` the one implementation of the link for predictions.
 """
 
 from __future__ import annotations
