@@ -626,12 +626,14 @@ class _EffectSpec:
 
 
 # --- the solver grid -----------------------------------------------------------------------------------
-def solver_rate_bounds(spec: Any, theta: Mapping[str, np.ndarray] | None = None) -> tuple[Any, Any]:
+def solver_rate_bounds(
+    spec: Any, theta: Mapping[str, np.ndarray] | None = None, n_transit: int | None = None
+) -> tuple[Any, Any]:
     """The one rule for the solver grid's rate bounds and kill cap; see
     :func:`carnk_pkpd.structural.solve.rate_bounds` (re-exported here for the consumers)."""
     from carnk_pkpd.structural.solve import rate_bounds
 
-    return rate_bounds(spec, theta)
+    return rate_bounds(spec, theta, n_transit)
 
 
 # --- observations --------------------------------------------------------------------------------------

@@ -140,7 +140,7 @@ def simulate(
     n = 1 if n_sub is None else n_sub
     t = np.asarray(times, float).ravel()
     per = _doses_per_subject(doses, n)
-    k_tr, k_kill = rate_bounds(spec, theta)
+    k_tr, k_kill = rate_bounds(spec, theta, n_transit)
     grid = make_grid(per, [t] * n, accuracy, k_tr=k_tr, k_kill=k_kill, ld=resolve_ld(ld, spec, n))
     car, bcell = solve(theta, grid, n_transit=n_transit, structure=spec.structure)
     car, bcell = np.asarray(car)[:, : t.size], np.asarray(bcell)[:, : t.size]

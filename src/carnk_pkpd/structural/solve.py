@@ -118,7 +118,7 @@ def _fitted_weights_jvp(primals, tangents):
 RATE_BOUND_SDS = 2.5  # log-scale SDs above the typical value that the solver grid must still resolve
 
 
-def rate_bounds(spec, theta: Mapping[str, np.ndarray] | None = None) -> tuple:
+def rate_bounds(spec, theta: Mapping[str, np.ndarray] | None = None, n_transit: int | None = None) -> tuple:
     """The fastest transit rate n/MTT and maximal kill rate k_kmax (1/day) the solver grid must resolve.
 
     One rule for fits, predictions, simulations and the dose search: the typical value moved
@@ -127,12 +127,14 @@ def rate_bounds(spec, theta: Mapping[str, np.ndarray] | None = None) -> tuple:
     (a fit's grid serves every draw; every subject of a regimen shares one grid). With per-subject
     values ``theta`` (``MTT``, ``k_kmax`` arrays) the bound is raised to a subject's own rate where
     that is faster, so an extreme subject is still resolved; each subject's grid then depends on its
-    own parameters only (not on which subjects are solved together).
+    own parameters only (not on which subjects are solved together). ``n_transit``: the chain length
+    the subjects are solved with, when it differs from the file's.
     """
     k_tr, k_kill = _spec_rate_bounds(spec)
     if theta is None:
         return k_tr, k_kill
-    n_transit = int(round(spec.parameters["n_transit"].typical))
+    if n_transit is None:
+        n_transit = int(round(spec.parameters["n_transit"].typical))
     return (
         np.maximum(k_tr, n_transit / np.asarray(theta["MTT"], float)),
         np.maximum(k_kill, np.asarray(theta["k_kmax"], float)),
