@@ -86,12 +86,20 @@ def test_shipped_models_load() -> None:
     }
 
 
+#: science.md gives these a BSV SD; the shipped file has none (k_kmax: as OMEGA FIX it would cost 2.5x the
+#: solver steps per gradient and changes the simulated calibration by < 0.2 day; see models/reference.toml).
+NO_BSV_BY_CHOICE = ("k_kmax",)
+
+
 def test_typical_values_and_bases_match_science_table(reference: ModelSpec) -> None:
     assert list(reference.parameters) == list(SCIENCE_TABLE)
     for name, (typical, bsv, basis) in SCIENCE_TABLE.items():
         param = reference.parameters[name]
         assert param.typical == typical, name
-        assert param.bsv_sd == bsv, name
+        if name in NO_BSV_BY_CHOICE:  # a deliberate departure, explained in the file's bsv note
+            assert param.bsv_sd == 0.0 and "no BSV" in reference.raw["parameters"][name]["bsv"]["note"], name
+        else:
+            assert param.bsv_sd == bsv, name
         assert param.basis == basis, name
         assert "science.md" in param.source, name
         assert param.bounds[0] <= param.typical <= param.bounds[1]
@@ -116,8 +124,10 @@ def test_bsv_priors_and_fixed_parameters_follow_science(reference: ModelSpec) ->
         assert prior["dist"] == "LogNormal", name
         assert 0.1 <= prior["sigma"] <= 0.2, name
         assert prior["mu"] == pytest.approx(math.log(reference.parameters[name].typical), abs=1e-6)
-    for name in ("rho", "alpha", "k_B", "F_max", "k_kmax", "EC50"):
+    # OMEGA FIX: BSV kept at the science table's SD, not estimated (fits keep the subjects' eta)
+    for name in ("rho", "alpha", "k_B", "F_max", "EC50"):
         assert reference.parameters[name].bsv_sd > 0 and not reference.parameters[name].bsv_estimate
+        assert "OMEGA FIX" in reference.raw["parameters"][name]["bsv"]["note"], name
     for name in reference.fixed_parameters():
         assert reference.parameters[name].prior == {"dist": "Fixed"}
 

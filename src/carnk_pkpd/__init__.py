@@ -4,7 +4,8 @@ Data flows down, one job per module:
 
 ``data`` (NONMEM-style cohorts) -> ``spec`` (model files under ``models/``) -> ``structural``
 (CAR-NK kinetics and B-lineage ODE) -> ``statistical`` (PyMC model) -> ``inference`` (sampling) ->
-``diagnostics`` -> ``remission`` / ``doses`` (predictions and simulation) -> ``export`` -> ``cli``.
+``diagnostics`` -> ``population`` (the population model as individual subjects:
+``simulate_population``) -> ``remission`` / ``doses`` (predictions and simulation) -> ``export`` -> ``cli``.
 """
 
 from importlib.metadata import PackageNotFoundError, version
@@ -30,6 +31,9 @@ _LAZY = {
     "save_fit": "carnk_pkpd.fits",
     "predict_remission": "carnk_pkpd.remission",
     "Regimen": "carnk_pkpd.regimen",
+    "simulate_population": "carnk_pkpd.population",
+    "PopulationDraws": "carnk_pkpd.population",
+    "SubjectDesign": "carnk_pkpd.population",
 }
 
 __all__ = ["DataError", "FitError", "ModelFileError", "OutputRefused", "Problem", "__version__", *_LAZY]

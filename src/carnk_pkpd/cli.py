@@ -496,6 +496,7 @@ def predict_cmd(
     from carnk_pkpd.errors import FitError, OutputRefused
     from carnk_pkpd.provenance import provenance_lines, write_csv
     from carnk_pkpd.regimen import Regimen
+    from carnk_pkpd.remission import run_predict
 
     try:
         days = [float(v) for v in visits.split(",") if v.strip()]
@@ -533,11 +534,12 @@ def predict_cmd(
     tag = "[bold red]SYNTHETIC[/] " if fit.synthetic else ""
     try:
         with _warnings_table(), _step(console, "predicting remission (fits the remission link once per fit)"):
-            ds, table, title = _predict(fit, regimen, days, n_patients, seed, published, tag)
+            table, ds = run_predict(fit, regimen, days, n_patients, seed, published=published)
     except (ValueError, FitError) as exc:
         raise _predict_fail(str(exc), 1) from None
     except OSError as exc:
         raise _predict_fail(f"{exc.filename or fit_dir}: {exc.strerror or exc}", 1) from None
+    title = f"{tag}Remission for a new patient" + (f": {regimen.label}" if regimen else ", by dose level")
     _show_prediction(console, ds, table, title, published)
     target = out_dir / "remission.csv"
     try:
@@ -550,32 +552,6 @@ def predict_cmd(
     except OSError as exc:
         raise _predict_fail(f"could not write {target}: {exc.strerror or exc}", 1) from None
     console.print(f"{tag}wrote {target}")
-
-
-def _predict(fit, regimen, days, n_patients, seed, published, tag):  # noqa: ANN001, ANN202
-    """Predictions for one regimen or for every dose level: (dataset, CSV table, title)."""
-    import pandas as pd
-
-    from carnk_pkpd.regimen import Regimen
-    from carnk_pkpd.remission import predict_by_dose_level, predict_remission, prediction_table
-
-    if regimen is not None:
-        ds = predict_remission(fit, regimen, days, n_patients, seed, published=published)
-        table = prediction_table(ds, regimen)
-        title = f"{tag}Remission for a new patient: {regimen.label}"
-    else:
-        ds = predict_by_dose_level(fit, days, n_patients, seed, published=published)
-        parts = []
-        for lab in ds["dose_level"].values:
-            sub = ds.sel(dose_level=lab)
-            reg = Regimen(float(sub["dose"]), float(sub["interval"]), int(sub["n_infusions"]), 1.0)
-            parts.append(prediction_table(sub, reg).assign(dose_level=str(lab)))
-        table = pd.concat(parts, ignore_index=True)
-        title = f"{tag}Remission for a new patient, by dose level"
-    cols = ["endpoint", "day", "median", "q05", "q95", "dose", "interval", "n_infusions", "ld_scale", "mean"]
-    if "dose_level" in table:
-        cols = ["dose_level", *cols]
-    return ds, table[cols], title
 
 
 def _show_prediction(console, ds, table, title, published) -> None:  # noqa: ANN001
@@ -639,6 +615,9 @@ def doses_cmd(
     w_cells: float = typer.Option(0.01, "--w-cells", help="Utility weight per 10⁹ cells given."),
     cmax_threshold: float = typer.Option(100.0, "--cmax-threshold", help="Safety proxy (CAR-NK cells/µL)."),
     top: int = typer.Option(10, "--top", min=1, help="Rows of the ranking to print."),
+    assumed_link: bool = typer.Option(
+        False, "--assumed-link", help="Use the model file's ASSUMED remission link instead of the fitted one."
+    ),
 ) -> None:
     """Rank dosing regimens by simulated remission, target attainment and safety (writes ranking.csv).
 
@@ -651,7 +630,7 @@ def doses_cmd(
     from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
     from carnk_pkpd.atomic import check_folder_output
-    from carnk_pkpd.doses import GridError, Utility, load_grid, rank_regimens, write_results
+    from carnk_pkpd.doses import GridError, Utility, load_grid, run_search, write_results
     from carnk_pkpd.errors import FitError, OutputRefused
     from carnk_pkpd.provenance import provenance
 
@@ -675,37 +654,12 @@ def doses_cmd(
     except (ValueError, TypeError) as e:
         raise _fail(f"--grid {grid}: {e}", 1) from None
     utility = Utility(w_remission, w_safety, w_cells, cmax_threshold)
-    remission = None
-    rem_file = Path(fit_dir) / "remission.nc"
-    if rem_file.exists():
-        import xarray as xr
-
-        try:
-            with xr.open_dataset(rem_file, engine="netcdf4") as f:
-                remission = f.load()
-        except Exception as e:  # noqa: BLE001 - any reader failure means a damaged cache file
-            raise _fail(
-                f"{rem_file}: cannot be read ({e}); it is the cached remission link of 'carnk-pkpd predict': "
-                f"delete it and run 'carnk-pkpd predict {fit_dir}' to rebuild it",
-                1,
-            ) from None
-    client = cluster = None
     try:
         with _warnings_table():
             if scheduler or workers > 0:
                 import logging
 
                 logging.getLogger("distributed").setLevel(logging.ERROR)  # no worker chatter in the output
-                with _step(console, "starting Dask workers"):
-                    from dask.distributed import Client, LocalCluster
-
-                    if scheduler:
-                        client = Client(scheduler)
-                    else:
-                        cluster = LocalCluster(
-                            n_workers=workers, threads_per_worker=1, processes=False, dashboard_address=None
-                        )
-                        client = Client(cluster)
             with Progress(
                 TextColumn("simulating regimens"),
                 BarColumn(),
@@ -726,35 +680,28 @@ def doses_cmd(
                         shown[0] = tenth
                         console.print(f"doses: simulated {done}/{total} regimen batches")
 
-                ds = rank_regimens(
+                ds = run_search(
                     fit,
                     regimens,
                     n_draws=draws,
                     n_patients=patients,
                     seed=seed,
                     utility=utility,
-                    client=client,
                     da_target=da_target,
-                    remission=remission,
+                    assumed_link=assumed_link,
+                    scheduler=scheduler,
+                    workers=workers,
                     progress=tick,
                 )
             ds.attrs.update(provenance(fit, command="doses"))
             with _step(console, f"writing {dest}/ (ranking.csv, doses.nc, plots)"):
                 write_results(ds, dest)
-    except KeyboardInterrupt:
-        client = cluster = None  # Ctrl-C: do not wait for running tasks; main() exits at once
-        raise
     except OutputRefused as e:
         raise _fail(str(e), 1) from None
     except (ValueError, GridError) as e:
         raise _fail(str(e), 1) from None
     except OSError as e:
         raise _fail(f"{e.filename or dest}: {e.strerror or e}", 1) from None
-    finally:
-        if client is not None:
-            client.close()
-        if cluster is not None:
-            cluster.close()
     from rich import box
     from rich.table import Table
 

@@ -1,7 +1,10 @@
 """Dose selection: simulate virtual patients under candidate regimens and rank the regimens.
 
-For each regimen, ``n_draws`` posterior draws each give ``n_patients`` new virtual patients (fresh
-between-subject deviations). Every population quantity (P(DORIS), P(LLDAS), target attainment, Cmax,
+For each regimen, ``n_draws`` posterior draws each give ``n_patients`` new virtual patients, made by
+the population layer (:func:`carnk_pkpd.population.individual_parameters`: dose-level tier, covariate
+effects with DOSE following the regimen, Ω with fixed ω where the file fixes it) and solved on the one
+solver-grid rule (:func:`carnk_pkpd.population.solver_rate_bounds`, default accuracy) with the
+regimen's lymphodepletion window and intensity. Every population quantity (P(DORIS), P(LLDAS), target attainment, Cmax,
 reconstitution day, ...) is computed per draw over that draw's patients; its 90% interval is the
 5–95% quantiles across draws (parameter uncertainty). The best regimen of each draw is the argmax of
 the utility, so ``p_best`` sums to 1 over regimens.
@@ -12,17 +15,19 @@ the chunk index only (never on the worker), so results are identical for any num
 same chunk stream is used for every regimen (common random numbers: regimens are compared on the same
 virtual patients, which makes the ranking and P(best) far less noisy).
 
-Remission: when :mod:`carnk_pkpd.remission` offers per-patient probabilities from metrics
-(``probabilities_from_metrics``), they are used; otherwise the model file's ``[remission]`` link
-``logit p = theta0 + theta1·(DA − center)/scale`` (ASSUMED values) gives one CR probability that
-stands for DORIS and LLDAS at both 6 and 12 months (the output says which was used).
+Remission: one link source, :func:`carnk_pkpd.remission.remission_source` — the fitted stage-2 link
+(fitted on demand and cached in the fit folder, the same one ``predict`` uses), or the model file's
+link when the user asks for it (``assumed_link=True``, labelled ASSUMED in the output). Per-patient
+metrics come from :func:`carnk_pkpd.structural.metrics.metrics_from_paths` (an event that never happens
+is NaN) and reach the link through :func:`carnk_pkpd.remission.link_values` and
+:func:`carnk_pkpd.remission.link_probabilities`, as in ``predict``.
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -33,26 +38,23 @@ from carnk_pkpd.regimen import Regimen
 
 __all__ = [
     "GridError",
-    "PosteriorSample",
     "Utility",
     "default_grid",
     "load_grid",
     "parse_grid",
+    "patient_metrics",
     "rank_regimens",
     "ranking_table",
+    "run_search",
     "write_results",
 ]
 
-#: Solver settings for the dose search, coarser than ``"default"`` (about 150 instead of 250 nodes;
-#: 1.7x faster). Measured on 3 regimens x 100 prior draws x 40 patients against the ``"default"``-like
-#: grid: per-draw median DA and reconstitution day within 0.15 day, P(DORIS) within 0.002, Cmax exact
-#: (closed form); a target-attainment fraction may move by one patient at the threshold.
-SEARCH_ACCURACY: dict[str, float] = dict(
-    h_dose=1.0, dose_days=4.0, h_active=2.0, active_days=40.0, h_late=4.0, k_tr_steps=1.0, sweeps=2
-)
+ACCURACY = "default"  # the solver accuracy of every prediction (structural.solve.ACCURACY)
 MAX_SUBJECTS_PER_TASK = 2000  # draws per task = max(1, this // n_patients); fixed, not worker-dependent
 HORIZON = 365.0  # days simulated after the first infusion
 B_PLOT_TIMES = np.arange(0.0, HORIZON + 0.5, 5.0)  # days, median B trajectories
+CAR_STEP = 0.25  # days between CAR-NK samples (closed form) for Cmax, Tmax, AUC and the plots
+CAR_WINDOW = (0.0, 28.0)  # days, the window of car_cmax, car_tmax, car_auc_0_28 (as derived_metrics)
 VISITS = {"6m": 180.0, "12m": 365.0}  # days
 
 
@@ -225,105 +227,11 @@ _LABELS = {
     "pta_depleted_d14": "P(B < 1/µL by day 14)",
     "p_cmax_high": "P(Cmax > threshold)",
     "cmax_median": "median CAR-NK Cmax (cells/µL)",
-    "recon_day_median": "median B reconstitution day",
+    "recon_day_median": "median B reconstitution day (not back by day 365: 365; never depleted: 0)",
     "b_nadir_median": "median B nadir (cells/µL)",
     "da_median": "median aplasia duration (days)",
 }
 SUMMARY_VARS = tuple(_LABELS)
-
-
-# --- posterior ----------------------------------------------------------------------------------------
-@dataclass
-class PosteriorSample:
-    """Population draws in natural units: ``typical[name]``, ``omega[name]`` (log-scale BSV SD) and
-    ``omega_dl[name]`` (dose-level tier SD), each of shape ``(n_draws,)``; ``remission`` per-draw
-    link parameters ``theta0, theta1`` (shape ``(n_draws,)``)."""
-
-    spec: Any
-    typical: dict[str, np.ndarray]
-    omega: dict[str, np.ndarray]
-    omega_dl: dict[str, np.ndarray]
-    n_transit: int
-    synthetic: bool = True
-    remission_source: str = "model file [remission] link (ASSUMED)"
-    remission: dict[str, np.ndarray] = field(default_factory=dict)
-
-    @property
-    def n_draws(self) -> int:
-        return next(iter(self.typical.values())).shape[0]
-
-    @classmethod
-    def from_fit(cls, fit: Any) -> PosteriorSample:
-        """The posterior of a :class:`~carnk_pkpd.fits.Fit` (all chains and draws)."""
-        pop = fit.population_parameters().stack(sample=("chain", "draw"))
-        post = fit.posterior.stack(sample=("chain", "draw"))
-        typ = {k: np.asarray(pop[k].values, float) for k in pop.data_vars}
-        om = {k: np.asarray(post[f"omega_{k}"].values, float) for k in typ if f"omega_{k}" in post}
-        omdl = {k: np.asarray(post[f"omega_DL_{k}"].values, float) for k in typ if f"omega_DL_{k}" in post}
-        rem = {k: np.asarray(post[k].values, float) for k in ("theta0", "theta1") if k in post}
-        return cls(fit.spec, typ, om, omdl, fit.n_transit, fit.synthetic, remission=rem)
-
-    @classmethod
-    def from_priors(cls, spec: Any, n_draws: int, seed: int) -> PosteriorSample:
-        """Draws from the model file's priors (LogNormal / Normal; others at the typical value) with the
-        file's BSV SDs — a stand-in posterior for benchmarks, marked SYNTHETIC."""
-        rng = np.random.default_rng(seed)
-        typ, om = {}, {}
-        for name, p in spec.parameters.items():
-            if name == "n_transit":
-                continue
-            pr = p.prior or {}
-            if pr.get("dist") == "LogNormal":
-                typ[name] = np.exp(rng.normal(pr["mu"], pr["sigma"], n_draws))
-            elif pr.get("dist") == "Normal":
-                typ[name] = rng.normal(pr["mu"], pr["sigma"], n_draws)
-            else:
-                typ[name] = np.full(n_draws, float(p.typical))
-            if p.bsv_sd > 0:
-                om[name] = np.full(n_draws, float(p.bsv_sd))
-        n_tr = int(round(spec.parameters["n_transit"].typical))
-        return cls(spec, typ, om, {}, n_tr, True, "model file [remission] link (ASSUMED)")
-
-
-def _link_arrays(
-    post: PosteriorSample, take: np.ndarray, remission: xr.Dataset | None, rng: np.random.Generator
-) -> tuple[dict[str, Any], str]:
-    """Per selected draw: link intercepts (incl. visit effect) per ``p_{endpoint}_{visit}``, slope and
-    patient-effect SD; from the stage-2 remission posterior when given, else the model file's link."""
-    n = take.size
-    if remission is not None:
-        from carnk_pkpd.remission import _flat, _visit_effect
-
-        nd = _flat(remission, "theta1").size
-        pick = rng.choice(nd, size=n, replace=n > nd)
-        out: dict[str, Any] = dict(
-            theta1=_flat(remission, "theta1")[pick], sigma_u=_flat(remission, "sigma_u")[pick]
-        )
-        for v, day in VISITS.items():
-            vd = _visit_effect(remission, day)[pick]
-            out[f"a_doris_{v}"] = _flat(remission, "theta0_doris")[pick] + vd
-            out[f"a_lldas_{v}"] = _flat(remission, "theta0_lldas")[pick] + vd
-        out.update(
-            center=float(remission.attrs["center"]),
-            scale=float(remission.attrs["scale"]),
-            metric=str(remission.attrs["metric"]),
-        )
-        return out, "fitted remission model (ordinal DORIS/LLDAS link, stage-2 posterior)"
-    rem = dict(post.spec.remission)
-    th0 = post.remission.get("theta0", np.full(post.n_draws, float(rem.get("theta0", 0.5))))[take]
-    th1 = post.remission.get("theta1", np.full(post.n_draws, float(rem.get("theta1", 1.0))))[take]
-    out = dict(theta1=th1, sigma_u=np.zeros(n))
-    for v in VISITS:
-        out[f"a_doris_{v}"] = th0
-        out[f"a_lldas_{v}"] = th0
-    out.update(
-        center=float(rem.get("center", 55.0)),
-        scale=float(rem.get("scale", 15.0)),
-        metric=str(rem.get("metric", "DA")),
-    )
-    return out, (
-        "model file [remission] link, ASSUMED values; one P(CR) stands for DORIS and LLDAS at 6 and 12 months"
-    )
 
 
 # --- one task -----------------------------------------------------------------------------------------
@@ -337,17 +245,50 @@ class _Settings:
     car_times: np.ndarray
     da_target: float
     cmax_threshold: float
-    thresholds: dict[str, Any]
-    link: dict[str, float]
-    accuracy: dict[str, float]
+    events: dict[str, Any]
+    metric: str
+    sweeps: int
 
 
-def _regimen_nodes(reg: Regimen, st: _Settings, k_tr_max: float) -> np.ndarray:
-    """Node times (days) for one regimen, padded with repeats of the last node to ``n_nodes``."""
+def _events(spec: Any) -> dict[str, Any]:
+    """Thresholds (cells/µL) and the aplasia window (days) of the model file's ``[events]``."""
+    ev = dict(getattr(spec, "events", {}) or {})
+    return dict(
+        aplasia_threshold=float(ev.get("aplasia_threshold", 1.0)),
+        reappearance_threshold=float(ev.get("reappearance_threshold", 1.0)),
+        reconstitution_threshold=float(ev.get("reconstitution_threshold", 10.0)),
+        aplasia_window=tuple(float(x) for x in ev.get("aplasia_window", [0.0, 180.0])),
+    )
+
+
+def _regimen_ld(spec: Any, reg: Regimen, n: int) -> dict[str, np.ndarray]:
+    """The solver's LD inputs for ``n`` new patients on ``reg`` (the population layer's design)."""
+    from carnk_pkpd.population import SubjectDesign
+
+    return SubjectDesign.from_regimen(spec, reg, n).ld(spec)
+
+
+def _regimen_nodes(reg: Regimen, st: _Settings, spec: Any) -> np.ndarray:
+    """Node times (days) for one regimen, padded with repeats of the last node to ``n_nodes``.
+
+    One grid serves every patient of the regimen: the one rate-bound rule
+    (:func:`carnk_pkpd.population.solver_rate_bounds`, transit and kill caps) at default accuracy,
+    with nodes at the regimen's LD window, infusions, visits and the aplasia window.
+    """
+    from carnk_pkpd.population import solver_rate_bounds
     from carnk_pkpd.structural.solve import make_grid
 
-    req = np.array([0.0, 14.0, *VISITS.values(), *st.thresholds["aplasia_window"], HORIZON])
-    g = make_grid([reg.doses()], [np.unique(req)], st.accuracy, k_tr=k_tr_max)
+    k_tr_max, k_kill_max = solver_rate_bounds(spec)
+    req = np.array([0.0, 14.0, *VISITS.values(), *st.events["aplasia_window"], HORIZON])
+    g = make_grid(
+        [reg.doses()],
+        [np.unique(req)],
+        ACCURACY,
+        k_tr=k_tr_max,
+        k_kill=k_kill_max,
+        ld=_regimen_ld(spec, reg, 1),
+        bucket=1,
+    )
     nodes = np.unique(g.nodes[0])
     if st.n_nodes <= 0:
         return nodes
@@ -356,57 +297,25 @@ def _regimen_nodes(reg: Regimen, st: _Settings, k_tr_max: float) -> np.ndarray:
     return np.concatenate([nodes, np.full(st.n_nodes - nodes.size, nodes[-1])])
 
 
-def _first_return(t: np.ndarray, b: np.ndarray, thr: float) -> np.ndarray:
-    """Vectorised :func:`metrics.return_day`: 0 when B never falls below ``thr``, inf if not by the end."""
-    from carnk_pkpd.structural.metrics import _crossing
-
-    below = b < thr
-    any_below = below.any(axis=1)
-    first = np.argmax(below, axis=1)
-    idx = np.arange(b.shape[1])[None, :]
-    after = ~below & (idx > first[:, None])
-    back = after.any(axis=1)
-    j = np.where(back, np.argmax(after, axis=1), 1)
-    rows = np.arange(b.shape[0])
-    tc = _crossing(t[j - 1], t[j], b[rows, j - 1], b[rows, j], thr)
-    return np.where(~any_below, 0.0, np.where(back, tc, np.inf))
-
-
-def _run_task(
+def _simulate(
+    theta: dict[str, np.ndarray],
     reg: Regimen,
-    typ: dict[str, np.ndarray],
-    omega: dict[str, np.ndarray],
-    omega_dl: dict[str, np.ndarray],
-    link: dict[str, np.ndarray],
-    seed_seq: np.random.SeedSequence,
-    n_real: int,
     nodes: np.ndarray,
     st: _Settings,
-) -> dict[str, np.ndarray]:
-    """Simulate one (regimen, draw-chunk): per-draw population quantities over ``n_patients`` patients.
+    ld: dict[str, np.ndarray],
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, dict[str, np.ndarray]]:
+    """B cells at the nodes ≥ 0, CAR-NK at ``st.car_times`` and every per-patient metric.
 
-    Arrays in ``typ``/``omega``/``omega_dl``/``link`` have shape ``(chunk_draws,)`` (padded; the first
-    ``n_real`` are real). Returns arrays of shape ``(n_real,)`` and median trajectories
-    ``(n_real, n_time)``.
+    ``theta`` holds ``(S,)`` arrays of individual parameters, ``ld`` the solver's ``(S,)`` LD inputs
+    (window and intensity: ``ld_scale`` 0 means no LD kill).
+    Returns ``(t_b, b, car, metrics)``: days, cells/µL ``(S, n)``, cells/µL ``(S, n_car)`` and the
+    metrics of :func:`carnk_pkpd.structural.metrics.metrics_from_paths` (NaN = never happens).
     """
     from carnk_pkpd.structural.carnk import car_closed_form
-    from carnk_pkpd.structural.metrics import time_below
+    from carnk_pkpd.structural.metrics import metrics_from_paths
     from carnk_pkpd.structural.solve import solve_nodes
 
-    rng = np.random.default_rng(seed_seq)
-    cd, n_p = next(iter(typ.values())).shape[0], st.n_patients
-    theta = {}
-    for name in sorted(typ):
-        z_dl = rng.standard_normal((cd, 1))
-        z = rng.standard_normal((cd, n_p))
-        log_p = np.log(typ[name])[:, None] + np.zeros((1, n_p))
-        if name in omega_dl:
-            log_p = log_p + omega_dl[name][:, None] * z_dl
-        if name in omega:
-            log_p = log_p + omega[name][:, None] * z
-        theta[name] = np.exp(log_p).ravel()
-    theta["k_LD0"] = theta["k_LD0"] * reg.ld_scale
-    S = cd * n_p
+    S = next(iter(theta.values())).shape[0]
     d = np.zeros((S, st.n_dose))
     a = np.zeros((S, st.n_dose))
     doses = np.asarray(reg.doses())
@@ -418,38 +327,129 @@ def _run_task(
             d,
             a,
             n_transit=st.n_transit,
-            sweeps=int(st.accuracy["sweeps"]),
+            sweeps=st.sweeps,
             structure=st.structure,
+            ld=ld,
         )
     )
     sel = nodes >= 0.0
     t_b, b = nodes[sel], b_all[:, sel]
-    car = np.asarray(
-        car_closed_form(
-            theta, d, a, np.broadcast_to(st.car_times, (S, st.car_times.size)), structure=st.structure
-        )
+    # CAR-NK on the plot grid plus an instant before each infusion inside the metrics' window, so that
+    # the AUC's trapezoid steps up at the infusion instead of ramping over a grid interval
+    pre = doses[(doses[:, 0] > CAR_WINDOW[0]) & (doses[:, 0] <= CAR_WINDOW[1]), 0] - 1e-9
+    t_all = np.concatenate([st.car_times, pre])
+    car_all = np.asarray(
+        car_closed_form(theta, d, a, np.broadcast_to(t_all, (S, t_all.size)), structure=st.structure, ld=ld)
     )
-    th = st.thresholds
-    cmax = car.max(axis=1)
-    da = time_below(t_b, b, th["aplasia_threshold"], tuple(th["aplasia_window"]))
-    recon = _first_return(t_b, b, th["reconstitution_threshold"])
-    nadir = b.min(axis=1)
-    depleted14 = b[:, t_b <= 14.0 + 1e-9].min(axis=1) < th["aplasia_threshold"]
-    per_patient = dict(DA=da, b_nadir=nadir, car_cmax=cmax, reconstitution_day=recon)
-    x = per_patient.get(link["metric"], da).reshape(cd, n_p)
-    if link["metric"] == "reconstitution_day":
-        x = np.where(np.isfinite(x), x, HORIZON)
-    z = (x - link["center"]) / link["scale"]
-    u = link["sigma_u"][:, None] * rng.standard_normal((cd, n_p))
-    rem = {}
-    for key in (k for k in link if k.startswith("a_")):
-        eta = link[key][:, None] + link["theta1"][:, None] * z + u
-        rem["p_" + key[2:]] = 1.0 / (1.0 + np.exp(-eta))
+    car = car_all[:, : st.car_times.size]
+    in_win = (t_all >= CAR_WINDOW[0] - 1e-9) & (t_all <= CAR_WINDOW[1] + 1e-9)
+    order = np.argsort(t_all[in_win], kind="stable")
+    ev = st.events
+    m = metrics_from_paths(
+        t_b,
+        b,
+        t_all[in_win][order],
+        car_all[:, in_win][:, order],
+        reappearance_threshold=ev["reappearance_threshold"],
+        reconstitution_threshold=ev["reconstitution_threshold"],
+        aplasia_threshold=ev["aplasia_threshold"],
+        aplasia_window=ev["aplasia_window"],
+    )
+    return t_b, b, car, {k: v for k, (v, _) in m.items()}
+
+
+def _car_times(regimens: Sequence[Regimen]) -> np.ndarray:
+    last = max(r.interval * (r.n_infusions - 1) for r in regimens)
+    return np.arange(0.0, max(last + 28.0, CAR_WINDOW[1]) + 1e-9, CAR_STEP)
+
+
+def _settings(
+    spec: Any,
+    regimens: Sequence[Regimen],
+    *,
+    n_patients: int = 1,
+    da_target: float = 45.0,
+    cmax_threshold: float = 100.0,
+    metric: str = "DA",
+) -> tuple[_Settings, list[np.ndarray]]:
+    """Settings shared by every task, and each regimen's padded node grid (one shape: one compile)."""
+    from carnk_pkpd.structural.solve import ACCURACY as SOLVER_ACCURACY
+
+    args = dict(
+        n_patients=n_patients,
+        n_transit=int(round(spec.parameters["n_transit"].typical)),
+        structure=spec.structure,
+        n_dose=max(r.n_infusions for r in regimens),
+        car_times=_car_times(regimens),
+        da_target=da_target,
+        cmax_threshold=cmax_threshold,
+        events=_events(spec),
+        metric=metric,
+        sweeps=int(SOLVER_ACCURACY[ACCURACY]["sweeps"]),
+    )
+    st0 = _Settings(n_nodes=0, **args)
+    n_nodes = max(_regimen_nodes(r, st0, spec).size for r in regimens)
+    st = _Settings(n_nodes=n_nodes, **args)
+    return st, [_regimen_nodes(r, st, spec) for r in regimens]
+
+
+def patient_metrics(params: Mapping[str, Any], regimen: Regimen, spec: Any) -> dict[str, np.ndarray]:
+    """The dose search's per-patient metrics for given individual parameters (natural units).
+
+    ``params`` maps structural parameter names to ``(S,)`` arrays (the file's typical value where
+    missing); the regimen gives the infusions and the LD window and intensity. Returns the metrics of
+    :func:`carnk_pkpd.structural.metrics.metrics_from_paths` (days, cells/µL, cells/µL·day; NaN when
+    the event never happens), computed exactly as inside :func:`rank_regimens`.
+    """
+    from carnk_pkpd.structural import resolve_parameters
+
+    theta, _, n = resolve_parameters(params, spec)
+    theta = {k: np.array(v, float) for k, v in theta.items()}
+    st, nodes = _settings(spec, [regimen])
+    return _simulate(theta, regimen, nodes[0], st, _regimen_ld(spec, regimen, n or 1))[3]
+
+
+def _run_task(
+    reg: Regimen,
+    pop: Any,
+    link: xr.Dataset,
+    seed_seq: np.random.SeedSequence,
+    n_real: int,
+    nodes: np.ndarray,
+    st: _Settings,
+) -> dict[str, np.ndarray]:
+    """Simulate one (regimen, draw-chunk): per-draw population quantities over ``n_patients`` patients.
+
+    ``pop`` (:class:`~carnk_pkpd.population.PopulationDraws`) and ``link`` hold the chunk's draws
+    (padded; the first ``n_real`` are real). The patients come from
+    :func:`~carnk_pkpd.population.individual_parameters` with a generator made from ``seed_seq``, so
+    every regimen sees the same patients. Returns arrays of shape ``(n_real,)`` and median trajectories
+    ``(n_real, n_time)``.
+    """
+    from carnk_pkpd.population import SubjectDesign, individual_parameters
+    from carnk_pkpd.remission import link_probabilities, link_values
+
+    rng = np.random.default_rng(seed_seq)
+    cd, n_p = pop.n_draws, st.n_patients
+    design = SubjectDesign.from_regimen(pop.spec, reg, n_p)
+    theta = {k: v.reshape(-1) for k, v in individual_parameters(pop, design, rng).items()}
+    ld = {k: np.tile(v, cd) for k, v in design.ld(pop.spec).items()}
+    t_b, b, car, m = _simulate(theta, reg, nodes, st, ld)
+    x = link_values(m, st.metric, st.events, HORIZON).reshape(cd, n_p)
+    u = link["sigma_u"].values.reshape(cd)[:, None] * rng.standard_normal((cd, n_p))
+    out = {}
+    for v, day in VISITS.items():
+        pr = link_probabilities(link, x, day, u)
+        out[f"p_doris_{v}"] = pr["DORIS"].mean(axis=1)[:n_real]
+        out[f"p_lldas_{v}"] = pr["LLDAS"].mean(axis=1)[:n_real]
 
     def pop(x: np.ndarray) -> np.ndarray:
         return x.reshape(cd, n_p)[:n_real]
 
-    out = {k: v.mean(axis=1)[:n_real] for k, v in rem.items()}
+    da, cmax, nadir = m["DA"], m["car_cmax"], m["b_nadir"]
+    # reconstitution day for the summary: the link's mapping (never depleted 0, not back HORIZON)
+    recon = link_values(m, "reconstitution_day", st.events, HORIZON)
+    depleted14 = b[:, t_b <= 14.0 + 1e-9].min(axis=1) < st.events["aplasia_threshold"]
     out.update(
         pta_da=(pop(da) >= st.da_target).mean(axis=1),
         pta_depleted_d14=pop(depleted14).mean(axis=1),
@@ -489,13 +489,15 @@ def rank_regimens(
     Parameters
     ----------
     fit
-        A :class:`~carnk_pkpd.fits.Fit` or a :class:`PosteriorSample`.
+        A :class:`~carnk_pkpd.fits.Fit` or :class:`~carnk_pkpd.population.PopulationDraws` (e.g.
+        ``PopulationDraws.from_model(spec, n, seed, "prior")``, SYNTHETIC).
     regimens
         Candidate regimens; :func:`default_grid` when None.
     n_draws, n_patients
         Posterior draws (without replacement when fewer than available) and new patients per draw.
     seed
-        Seeds the draw selection and every task's patients (via ``SeedSequence.spawn``).
+        Seeds the draw selection and the link draws paired with them (as ``predict`` does) and every
+        task's patients (``SeedSequence([seed, 1]).spawn``: per chunk, the same for every regimen).
     utility
         Ranking utility; :class:`Utility` () by default.
     client
@@ -503,8 +505,9 @@ def rank_regimens(
     da_target
         Target aplasia duration (days) for ``pta_da``.
     remission
-        Stage-2 remission posterior (:func:`carnk_pkpd.remission.remission_posterior`); when None the
-        model file's ``[remission]`` link with its ASSUMED values is used (and said so in attrs).
+        The remission link (:func:`carnk_pkpd.remission.remission_source`: a stage-2 posterior or the
+        ASSUMED :func:`~carnk_pkpd.remission.assumed_link`). None: the fitted link of ``fit`` with
+        ``seed``, exactly what ``predict`` uses (``PopulationDraws`` have none: pass one).
     progress
         Called as ``progress(done, total)`` after each task.
 
@@ -513,84 +516,69 @@ def rank_regimens(
     xarray.Dataset on ``regimen, draw`` (probabilities in [0, 1], days, cells/µL), with ``utility``,
     ``p_best`` (regimen), median trajectories ``b_traj`` (regimen, draw, time_b) and ``car_traj``
     (regimen, draw, time_car), and attrs describing the utility and the remission source.
+
+    Raises
+    ------
+    ValueError
+        No regimens, ``n_draws``/``n_patients`` < 1, a link metric the search does not compute, or no
+        remission link for ``PopulationDraws``.
     """
+    from carnk_pkpd.population import PopulationDraws, population_from
+    from carnk_pkpd.remission import remission_source, select_draws
+    from carnk_pkpd.structural.metrics import UNITS
+
     utility = utility or Utility()
-    post = fit if isinstance(fit, PosteriorSample) else PosteriorSample.from_fit(fit)
+    if n_draws < 1 or n_patients < 1:
+        raise ValueError("n_draws and n_patients must be >= 1")
+    # the draws and their link draws are chosen from ``seed`` exactly as predict chooses them
+    # (population_from, then remission.select_draws with default_rng(seed)), so for the same fit,
+    # seed and number of draws the two commands differ only in their virtual patients
+    post = population_from(fit, n_draws, seed)
     spec = post.spec
     regimens = [Regimen.coerce(r) for r in regimens] if regimens is not None else default_grid(spec)
     if not regimens:
         raise ValueError("no regimens to rank")
-    if n_draws < 1 or n_patients < 1:
-        raise ValueError("n_draws and n_patients must be >= 1")
-    root = np.random.SeedSequence(seed)
-    select_seq, task_root, link_seq = root.spawn(3)
-    n_total = post.n_draws
-    take = (
-        np.arange(n_total)
-        if n_draws >= n_total
-        else np.sort(np.random.default_rng(select_seq).choice(n_total, size=n_draws, replace=False))
-    )
+    if remission is None:
+        if isinstance(fit, PopulationDraws):
+            raise ValueError(
+                "PopulationDraws have no fitted remission link: pass remission= "
+                "(e.g. carnk_pkpd.remission.assumed_link(spec), labelled ASSUMED)"
+            )
+        remission = remission_source(fit, seed=seed)
+    metric = str(remission.attrs["metric"])
+    if metric not in UNITS:
+        raise ValueError(
+            f"remission link metric {metric!r} is not a metric the search computes: {list(UNITS)}"
+        )
+    take = np.arange(post.n_draws)
     n_sel = take.size
     per_task = max(1, MAX_SUBJECTS_PER_TASK // n_patients)
     per_task = min(per_task, n_sel)
     n_chunks = math.ceil(n_sel / per_task)
-    chunk_seqs = task_root.spawn(n_chunks)
-
-    link_all, remission_source = _link_arrays(post, take, remission, np.random.default_rng(link_seq))
-    ev = dict(spec.events)
-    thresholds = dict(
-        aplasia_threshold=float(ev.get("aplasia_threshold", 1.0)),
-        reconstitution_threshold=float(ev.get("reconstitution_threshold", 10.0)),
-        aplasia_window=[float(x) for x in ev.get("aplasia_window", [0.0, 180.0])],
+    chunk_seqs = np.random.SeedSequence([seed, 1]).spawn(n_chunks)
+    link_all = select_draws(remission, n_sel, np.random.default_rng(seed))
+    st, nodes_by_reg = _settings(
+        spec,
+        regimens,
+        n_patients=n_patients,
+        da_target=da_target,
+        cmax_threshold=utility.cmax_threshold,
+        metric=metric,
     )
-    last = max(r.interval * (r.n_infusions - 1) for r in regimens)
-    car_times = np.arange(0.0, last + 28.0 + 1e-9, 0.25)
-    k_tr_max = float(np.max(post.n_transit / post.typical["MTT"]))
-    st0 = _Settings(
-        n_patients,
-        post.n_transit,
-        spec.structure,
-        0,
-        max(r.n_infusions for r in regimens),
-        car_times,
-        da_target,
-        utility.cmax_threshold,
-        thresholds,
-        {},
-        SEARCH_ACCURACY,
-    )
-    raw_nodes = [_regimen_nodes(r, st0, k_tr_max) for r in regimens]
-    n_nodes = max(n.size for n in raw_nodes)
-    st = _Settings(
-        n_patients,
-        post.n_transit,
-        spec.structure,
-        n_nodes,
-        st0.n_dose,
-        car_times,
-        da_target,
-        utility.cmax_threshold,
-        thresholds,
-        {},
-        SEARCH_ACCURACY,
-    )
-    nodes_by_reg = [_regimen_nodes(r, st, k_tr_max) for r in regimens]
 
     def chunk_inputs(c: int):
         idx = take[c * per_task : (c + 1) * per_task]
         n_real = idx.size
         pad = np.concatenate([idx, np.full(per_task - n_real, idx[-1])])
-        typ = {k: v[pad] for k, v in post.typical.items()}
-        om = {k: v[pad] for k, v in post.omega.items()}
-        omdl = {k: v[pad] for k, v in post.omega_dl.items()}
+        pop = post.take(pad)
         sel = np.concatenate(
             [
                 np.arange(c * per_task, c * per_task + n_real),
                 np.full(per_task - n_real, c * per_task + n_real - 1),
             ]
         )
-        link = {k: (v[sel] if isinstance(v, np.ndarray) else v) for k, v in link_all.items()}
-        return typ, om, omdl, link, n_real
+        link = link_all.isel(draw=sel).assign_coords(draw=np.arange(sel.size))
+        return pop, link, n_real
 
     inputs = [chunk_inputs(c) for c in range(n_chunks)]
     tasks = [(r, c) for r in range(len(regimens)) for c in range(n_chunks)]
@@ -598,10 +586,8 @@ def rank_regimens(
     total = len(tasks)
     if client is None:
         for k, (r, c) in enumerate(tasks):
-            typ, om, omdl, link, n_real = inputs[c]
-            results[(r, c)] = _run_task(
-                regimens[r], typ, om, omdl, link, chunk_seqs[c], n_real, nodes_by_reg[r], st
-            )
+            pop, link, n_real = inputs[c]
+            results[(r, c)] = _run_task(regimens[r], pop, link, chunk_seqs[c], n_real, nodes_by_reg[r], st)
             if progress:
                 progress(k + 1, total)
     else:
@@ -609,13 +595,11 @@ def rank_regimens(
 
         futs = {}
         for r, c in tasks:
-            typ, om, omdl, link, n_real = inputs[c]
+            pop, link, n_real = inputs[c]
             f = client.submit(
                 _run_task,
                 regimens[r],
-                typ,
-                om,
-                omdl,
+                pop,
                 link,
                 chunk_seqs[c],
                 n_real,
@@ -640,14 +624,14 @@ def rank_regimens(
     }
     coords = dict(
         regimen=np.arange(len(regimens)),
-        draw=take,
+        draw=post.draw,
         label=("regimen", [_label(r) for r in regimens]),
         dose=("regimen", [r.dose for r in regimens], {"units": "1e9 cells per infusion"}),
         interval=("regimen", [r.interval for r in regimens], {"units": "days"}),
         n_infusions=("regimen", [r.n_infusions for r in regimens]),
         ld_scale=("regimen", [r.ld_scale for r in regimens]),
         time_b=("time_b", B_PLOT_TIMES, {"units": "days"}),
-        time_car=("time_car", car_times, {"units": "days"}),
+        time_car=("time_car", st.car_times, {"units": "days"}),
     )
     data = {}
     for n, v in stacked.items():
@@ -669,7 +653,8 @@ def rank_regimens(
     ds.attrs.update(
         utility=utility.describe(),
         utility_weights=str(asdict(utility)),
-        remission_source=remission_source,
+        remission_source=str(remission.attrs.get("source", "fitted remission model")),
+        remission_metric=metric,
         synthetic=int(bool(post.synthetic)),
         seed=seed,
         n_draws=n_sel,
@@ -678,6 +663,63 @@ def rank_regimens(
         interval_note="q05/q95: 90% interval across posterior draws of the population quantity",
     )
     return ds
+
+
+def run_search(
+    fit: Any,
+    regimens: Sequence[Regimen] | None = None,
+    *,
+    n_draws: int,
+    n_patients: int,
+    seed: int,
+    utility: Utility | None = None,
+    da_target: float = 45.0,
+    assumed_link: bool = False,
+    published: str | Path | None = None,
+    scheduler: str | None = None,
+    workers: int = 0,
+    progress: Callable[[int, int], None] | None = None,
+) -> xr.Dataset:
+    """The ``doses`` command: the remission link, a Dask cluster when asked, and :func:`rank_regimens`.
+
+    The link is :func:`carnk_pkpd.remission.remission_source` (the fitted link, cached in the fit
+    folder, as ``predict`` uses; the model file's ASSUMED link only with ``assumed_link=True``).
+    ``scheduler`` (a Dask address) or ``workers`` > 0 (local worker threads) run the tasks on Dask;
+    the cluster is opened here and closed before returning. Results do not depend on the number of
+    workers.
+    """
+    from carnk_pkpd.remission import remission_source
+
+    remission = remission_source(fit, assumed=assumed_link, published=published, seed=seed)
+    client = cluster = None
+    try:
+        if scheduler or workers > 0:
+            from dask.distributed import Client, LocalCluster
+
+            if scheduler:
+                client = Client(scheduler)
+            else:
+                cluster = LocalCluster(
+                    n_workers=workers, threads_per_worker=1, processes=False, dashboard_address=None
+                )
+                client = Client(cluster)
+        return rank_regimens(
+            fit,
+            regimens,
+            n_draws=n_draws,
+            n_patients=n_patients,
+            seed=seed,
+            utility=utility,
+            client=client,
+            da_target=da_target,
+            remission=remission,
+            progress=progress,
+        )
+    finally:
+        if client is not None:
+            client.close()
+        if cluster is not None:
+            cluster.close()
 
 
 def ranking_table(ds: xr.Dataset):

@@ -17,6 +17,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -56,6 +57,11 @@ class Fit:
     manifest: dict = field(default_factory=dict)
     path: Path | None = None
 
+    def __post_init__(self) -> None:
+        if self.idata is not None and "posterior" in self.idata.children:
+            for msg in self.conversion_warnings():
+                warnings.warn(msg, UserWarning, stacklevel=3)
+
     # -- views ---------------------------------------------------------------------------------------
     @property
     def posterior(self) -> xr.Dataset:
@@ -87,60 +93,106 @@ class Fit:
         return xr.Dataset(out).transpose("chain", "draw")
 
     def individual_parameters(self) -> xr.Dataset:
-        """Each observed subject's structural parameters on ``chain, draw, subject`` (natural units)."""
+        """Each observed subject's structural parameters on ``chain, draw, subject`` (natural units).
+
+        Computed by the population layer (:func:`carnk_pkpd.population.individual_parameters`) from
+        each draw's typical (or dose-level) values, covariate effects and the subjects' fitted η, so
+        parameters with fixed ω (OMEGA FIX) or covariate effects carry them too.
+        """
+        from carnk_pkpd.population import PopulationDraws, SubjectDesign, individual_parameters
+
         post = self.posterior
-        pop = self.population_parameters()
-        subjects = post["subject"].values if "subject" in post.coords else np.array(self.cohort.ids)
-        dl = np.array([str(s.dl) for s in self.cohort.subjects])
+        n_chain, n_draw = post.sizes["chain"], post.sizes["draw"]
+        pop = PopulationDraws.from_fit(self)
+        design = SubjectDesign.from_cohort(self.cohort, self.spec)
+        theta = individual_parameters(pop, design, new_subjects=False)
+        subjects = list(design.ids)
         out = {}
-        for name in pop.data_vars:
-            if f"{name}_i" in post:
-                da = post[f"{name}_i"]
-            elif f"{name}_DL" in post:
-                da = post[f"{name}_DL"].sel(dose_level=xr.DataArray(dl, dims="subject"))
-                da = da.drop_vars("dose_level").assign_coords(subject=subjects)
-            else:
-                da = pop[name].expand_dims(subject=subjects, axis=-1)
-            out[name] = da.transpose("chain", "draw", "subject")
-            out[name].attrs["units"] = self.spec.parameters[name].unit
+        for name, v in theta.items():
+            out[name] = xr.DataArray(
+                v.reshape(n_chain, n_draw, -1),
+                dims=("chain", "draw", "subject"),
+                coords={"chain": post["chain"].values, "draw": post["draw"].values, "subject": subjects},
+                attrs={"units": self.spec.parameters[name].unit},
+            )
         ds = xr.Dataset(out)
-        ds = ds.assign_coords(dose_level=("subject", dl))
+        ds = ds.assign_coords(dose_level=("subject", list(design.dose_levels)))
         ds.attrs["n_transit"] = self.n_transit
         return ds
 
     def new_patients(
-        self, n_patients: int, seed: int | np.random.Generator, n_draws: int | None = None
+        self,
+        n_patients: int,
+        seed: int | np.random.Generator,
+        n_draws: int | None = None,
+        regimen: Any = None,
     ) -> xr.Dataset:
-        """Parameters of new virtual patients on ``sample, patient``.
+        """Parameters of new virtual patients on ``sample, patient`` (natural units).
 
-        Each of ``n_draws`` posterior draws (all when None; drawn without replacement with ``seed``)
-        gives ``n_patients`` patients with fresh between-subject deviations ``omega·eta``; where the
-        model has a dose-level tier, a new regimen is a new dose level, so its deviation is drawn from
-        that tier too. Parameter uncertainty and between-subject variability are both carried.
+        A thin view of :func:`carnk_pkpd.population.individual_parameters`: each of ``n_draws``
+        posterior draws (all when None; chosen without replacement with ``seed``) gives ``n_patients``
+        new patients with fresh η from Ω (estimated or fixed), covariate effects and, for a regimen
+        that is not a fitted dose level, a new dose-level deviation. ``regimen`` (a
+        :class:`~carnk_pkpd.regimen.Regimen`) sets the dose a ``DOSE`` covariate follows; None is a
+        new dose level without infusions (then the model may not have a ``DOSE`` effect).
         """
+        from carnk_pkpd.population import PopulationDraws, SubjectDesign, individual_parameters
+
         rng = np.random.default_rng(seed)
-        pop = self.population_parameters().stack(sample=("chain", "draw"))
-        post = self.posterior.stack(sample=("chain", "draw"))
-        n_total = pop.sizes["sample"]
-        take = (
-            np.arange(n_total)
-            if n_draws is None or n_draws >= n_total
-            else np.sort(rng.choice(n_total, size=n_draws, replace=False))
-        )
-        out = {}
-        for name in pop.data_vars:
-            typ = pop[name].values[take]
-            log_p = np.log(typ)[:, None] * np.ones((1, n_patients))
-            om_dl = f"omega_DL_{name}"
-            if om_dl in post:
-                log_p = log_p + post[om_dl].values[take][:, None] * rng.standard_normal((take.size, 1))
-            om = f"omega_{name}"
-            if om in post:
-                log_p = log_p + post[om].values[take][:, None] * rng.standard_normal((take.size, n_patients))
-            out[name] = (("sample", "patient"), np.exp(log_p), {"units": self.spec.parameters[name].unit})
-        ds = xr.Dataset(out, coords={"sample": np.arange(take.size), "patient": np.arange(n_patients)})
+        pop = PopulationDraws.from_fit(self, n_draws, rng)
+        if regimen is not None:
+            design = SubjectDesign.from_regimen(self.spec, regimen, n_patients)
+        else:
+            nominal = [float(x) for x in self.spec.simulation["ld_days"]] or [-5.0, -3.0]
+            design = SubjectDesign(
+                ids=tuple(str(i) for i in range(n_patients)),
+                doses=tuple(np.zeros((0, 2)) for _ in range(n_patients)),
+                dose_levels=tuple("new" for _ in range(n_patients)),
+                covariates={},
+                ld_start=np.full(n_patients, min(nominal)),
+                ld_end=np.full(n_patients, max(nominal)),
+                ld_scale=np.ones(n_patients),
+            )
+        theta = individual_parameters(pop, design, rng)
+        out = {
+            name: (("sample", "patient"), v, {"units": self.spec.parameters[name].unit})
+            for name, v in theta.items()
+        }
+        ds = xr.Dataset(out, coords={"sample": np.arange(pop.n_draws), "patient": np.arange(n_patients)})
         ds.attrs["n_transit"] = self.n_transit
         return ds
+
+    def conversion_warnings(self, ratio: float = 0.8) -> list[str]:
+        """Warnings for a qPCR conversion factor (copies/µg per cell/µL) that the data do not inform.
+
+        f_bl and ``copies_per_cell`` enter DVID 3 predictions only as a product, so qPCR data identify
+        the product while each factor stays where its prior put it. Warns when the factor's posterior
+        SD on the log scale is more than ``ratio`` times its prior's and f_bl's is too (the product
+        identified, the factors not). Empty when the fit has no estimated factor.
+        """
+        post = self.posterior
+        msgs = []
+        for obs in self.spec.observations.values():
+            conv = obs.conversion
+            if conv is None or conv.name not in post or "f_bl" not in post:
+                continue
+            prior_conv = float((conv.prior or {}).get("sigma", np.nan))
+            prior_fbl = float((self.spec.parameters["f_bl"].prior or {}).get("sigma", np.nan))
+            lc = np.log(post[conv.name].values).ravel()
+            lf = np.log(post["f_bl"].values).ravel()
+            sd_conv, sd_fbl, sd_prod = float(np.std(lc)), float(np.std(lf)), float(np.std(lc + lf))
+            if not (np.isfinite(prior_conv) and np.isfinite(prior_fbl)):
+                continue
+            prior_prod = float(np.hypot(prior_conv, prior_fbl))
+            if sd_conv / prior_conv > ratio and sd_prod / prior_prod < 0.5:
+                msgs.append(
+                    f"{conv.name} (DVID {obs.dvid}): posterior log-SD {sd_conv:.2f} is {sd_conv / prior_conv:.0%} "
+                    f"of its prior's ({prior_conv:.2f}) (f_bl's: {sd_fbl / prior_fbl:.0%} of its prior's), "
+                    f"while their product is identified (log-SD {sd_prod:.2f}): qPCR data inform "
+                    f"f_bl·{conv.name} only. Fix the factor from an assay calibration, or give it an "
+                    "informative prior with its source, before reading f_bl."
+                )
+        return msgs
 
     def summary(self) -> pd.DataFrame:
         """One row per population-level quantity (columns of ``summary.csv``)."""

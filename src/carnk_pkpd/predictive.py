@@ -1,8 +1,9 @@
-"""Posterior predictions at the observed records: IPRED, PRED, replicated data, NPDE-like residuals.
+"""Posterior predictions at the observed records: IPRED, PRED, EPRED, replicated data, NPDE-like residuals.
 
-All draws of all subjects go through one call of the JAX solver: the parameter arrays have length
-``n_draws·n_subjects`` (draw-major: row ``d·n_subjects + s``) and the grid repeats each subject's
-record times once per draw, so JAX compiles once per shape.
+Every prediction goes through the population layer (:mod:`carnk_pkpd.population`): IPRED and the
+posterior predictive use the fitted subjects' own η, EPRED new subjects (η from Ω) on the cohort's
+design, PRED η = 0 at the posterior median. Predictions are chosen by DVID (1 and 3 CAR-NK, 2 B
+cells), each subject has its own doses, LD window and covariates.
 
 Observation units follow the model file: DVID 1 CAR-NK cells/µL (flow), DVID 2 B cells/µL,
 DVID 3 CAR copies/µg gDNA (qPCR, CAR-NK × ``copies_per_cell``). Times are days since the first
@@ -16,10 +17,11 @@ from typing import Any
 import numpy as np
 import xarray as xr
 
-from carnk_pkpd.statistical import CAR_FLOOR, ObservationData, observation_data
+from carnk_pkpd.statistical import ObservationData, observation_data
 
 __all__ = [
     "draw_indices",
+    "expected_predictions",
     "individual_curves",
     "npde",
     "population_predictions",
@@ -48,75 +50,27 @@ def _accuracy(fit: Any) -> str:
     return str((fit.manifest or {}).get("sampler", {}).get("accuracy", "default"))
 
 
-def _solve_flat(
-    fit: Any, theta_sub: dict[str, np.ndarray], times: list[np.ndarray], data: ObservationData
-) -> tuple[np.ndarray, np.ndarray]:
-    """Solve ``theta_sub[name]`` of shape (sample, subject) at per-subject ``times``.
-
-    Returns CAR-NK and B cells (cells/µL), each (sample, subject, max_times) padded with NaN.
-    """
-    from carnk_pkpd.structural.solve import make_grid, solve
-
-    n_samp, n_sub = next(iter(theta_sub.values())).shape
-    flat = {k: np.ascontiguousarray(v, dtype=float).reshape(-1) for k, v in theta_sub.items()}
-    n_tr = fit.n_transit
-    grid = make_grid(
-        list(data.doses) * n_samp,
-        list(times) * n_samp,
-        _accuracy(fit),
-        k_tr=n_tr / flat["MTT"],
-        k_kill=flat["k_kmax"],
-    )
-    car, bcell = solve(flat, grid, n_transit=n_tr, structure=fit.spec.structure)
-    car = np.where(grid.mask, np.asarray(car), np.nan).reshape(n_samp, n_sub, -1)
-    bcell = np.where(grid.mask, np.asarray(bcell), np.nan).reshape(n_samp, n_sub, -1)
-    return car, bcell
-
-
-def _scalar(fit: Any, post: xr.Dataset, name: str, fixed: float, n: int) -> np.ndarray:
-    """A residual or conversion scalar per sample: posterior values, or the file's fixed value."""
-    return post[name].values if name in post else np.full(n, float(fixed))
-
-
-def _to_observation_scale(
-    fit: Any, data: ObservationData, car: np.ndarray, bcell: np.ndarray, post: xr.Dataset
-) -> np.ndarray:
-    """Map (sample, subject, time) CAR-NK/B-cell values to each record's measure: (sample, record)."""
-    car_r = car[:, data.subject_index, data.time_index]
-    b_r = bcell[:, data.subject_index, data.time_index]
-    out = np.empty_like(car_r)
-    n = car_r.shape[0]
-    for dvid, obs in fit.spec.observations.items():
-        sel = data.dvid == dvid
-        if not sel.any():
-            continue
-        if obs.error == "lognormal":
-            pred = car_r[:, sel] + CAR_FLOOR
-            if obs.conversion is not None:
-                conv = _scalar(fit, post, obs.conversion.name, obs.conversion.typical, n)
-                pred = pred * conv[:, None]
-            out[:, sel] = pred
-        else:
-            out[:, sel] = b_r[:, sel]
-    return out
-
-
 def _records(fit: Any, data: ObservationData) -> xr.Dataset:
     from carnk_pkpd.inference import records_dataset
 
     return records_dataset(data).drop_vars("subject_index")
 
 
-def _ipred(
-    fit: Any, n_draws: int | None, seed: int
-) -> tuple[np.ndarray, xr.Dataset, ObservationData, np.ndarray]:
-    data = observation_data(fit.cohort)
-    take = draw_indices(fit, n_draws, seed)
-    ind = _stack(fit.individual_parameters()).isel(sample=take)
-    post = _stack(fit.posterior).isel(sample=take)
-    theta = {k: ind[k].values for k in ind.data_vars}
-    car, bcell = _solve_flat(fit, theta, data.times, data)
-    return _to_observation_scale(fit, data, car, bcell, post), post, data, take
+def _simulate_records(fit: Any, n_draws: int | None, seed: int, new_subjects: bool) -> xr.Dataset:
+    """The population simulator on the fitted cohort's own design (doses, LD windows, covariates,
+    records); ``new_subjects=False``: the fitted subjects' η (IPRED); True: new η from Ω."""
+    from carnk_pkpd.population import simulate_population
+
+    return simulate_population(
+        fit,
+        fit.cohort,
+        n_draws=n_draws,
+        seed=seed,
+        new_subjects=new_subjects,
+        times=[0.0],
+        accuracy=_accuracy(fit),
+        metrics=False,
+    )
 
 
 def record_predictions(fit: Any, n_draws: int | None = 200, seed: int = 0) -> xr.DataArray:
@@ -125,12 +79,12 @@ def record_predictions(fit: Any, n_draws: int | None = 200, seed: int = 0) -> xr
     Returns an xarray DataArray ``IPRED`` on ``(sample, record)``; ``sample`` holds the position of
     each of ``n_draws`` thinned posterior draws (chain-major), ``record`` matches ``constant_data``.
     """
-    ipred, _, data, take = _ipred(fit, n_draws, seed)
-    rec = _records(fit, data)
+    sim = _simulate_records(fit, n_draws, seed, new_subjects=False)
+    rec = _records(fit, observation_data(fit.cohort))
     return xr.DataArray(
-        ipred,
+        sim["ipred"].values,
         dims=("sample", "record"),
-        coords={"sample": take, **{k: rec[k] for k in ("record", "ID", "TIME", "DVID")}},
+        coords={"sample": sim["draw"].values, **{k: rec[k] for k in ("record", "ID", "TIME", "DVID")}},
         name="IPRED",
         attrs={"long_name": "individual prediction in the unit of each record's DVID"},
     )
@@ -139,63 +93,78 @@ def record_predictions(fit: Any, n_draws: int | None = 200, seed: int = 0) -> xr
 def posterior_predictive(fit: Any, n_draws: int | None = 200, seed: int = 0) -> xr.Dataset:
     """Replicated data ``y_rep`` with residual error, and its BLQ flag, on ``(sample, record)``.
 
-    Log-normal residual (SD ``sigma_<obs>`` on the log scale) for DVID 1 and 3; combined
-    ``N(pred, sqrt((prop·pred)² + add²))`` for DVID 2. ``blq_rep`` is ``y_rep < LLOQ`` (the record's
-    LLOQ), i.e. the censoring the assay would apply. Also returns ``IPRED`` and the records.
+    The fitted subjects (their own η) simulated by :func:`carnk_pkpd.population.simulate_population`:
+    log-normal or combined residual error as the file declares per DVID. ``blq_rep`` is
+    ``y_rep < LLOQ`` (the record's LLOQ), i.e. the censoring the assay would apply. Also returns
+    ``IPRED`` and the records.
     """
-    rng = np.random.default_rng([seed, 1])
-    ipred, post, data, take = _ipred(fit, n_draws, seed)
-    n = ipred.shape[0]
-    y = np.empty_like(ipred)
-    for dvid, obs in fit.spec.observations.items():
-        sel = data.dvid == dvid
-        if not sel.any():
-            continue
-        mu = ipred[:, sel]
-        if obs.error == "lognormal":
-            sig = _scalar(fit, post, f"sigma_{obs.name}", obs.residual["log"].typical, n)[:, None]
-            y[:, sel] = mu * np.exp(sig * rng.standard_normal(mu.shape))
-        else:
-            prop = _scalar(fit, post, f"sigma_{obs.name}_prop", obs.residual["prop"].typical, n)[:, None]
-            add = _scalar(fit, post, f"sigma_{obs.name}_add", obs.residual["add"].typical, n)[:, None]
-            sd = np.sqrt((prop * mu) ** 2 + add**2)
-            y[:, sel] = mu + sd * rng.standard_normal(mu.shape)
-    rec = _records(fit, data)
+    sim = _simulate_records(fit, n_draws, seed, new_subjects=False)
+    rec = _records(fit, observation_data(fit.cohort))
     dims = ("sample", "record")
     ds = xr.Dataset(
         {
-            "y_rep": (dims, y, {"long_name": "replicated observation (uncensored), record's unit"}),
-            "blq_rep": (dims, y < data.lloq[None, :], {"long_name": "replicate below the record's LLOQ"}),
-            "IPRED": (dims, ipred, {"long_name": "individual prediction, record's unit"}),
+            "y_rep": (
+                dims,
+                sim["y"].values,
+                {"long_name": "replicated observation (uncensored), record's unit"},
+            ),
+            "blq_rep": (dims, sim["blq"].values, {"long_name": "replicate below the record's LLOQ"}),
+            "IPRED": (dims, sim["ipred"].values, {"long_name": "individual prediction, record's unit"}),
         },
-        coords={"sample": take, "record": rec["record"]},
+        coords={"sample": sim["draw"].values, "record": rec["record"]},
     )
     return ds.merge(rec)
 
 
 def population_predictions(fit: Any) -> xr.DataArray:
-    """PRED per record: the typical-value prediction (eta = 0) at the posterior median.
+    """PRED per record: the typical-value prediction (η = 0) at the posterior median.
 
-    Each parameter is the posterior median of ``p_i·exp(−omega_p·eta_p,i)``, i.e. the population
-    typical value with the subject's dose-level tier and covariates but no between-subject deviation.
+    Each parameter is the posterior median of the subject's typical value with its dose-level tier
+    and covariates but no between-subject deviation (the population layer with η = 0).
     """
-    data = observation_data(fit.cohort)
-    ind = _stack(fit.individual_parameters())
-    post = _stack(fit.posterior)
-    theta = {}
-    for name in ind.data_vars:
-        v = np.log(ind[name].values)
-        if f"omega_{name}" in post and f"eta_{name}" in post:
-            v = (
-                v
-                - post[f"omega_{name}"].values[:, None]
-                * post[f"eta_{name}"].transpose("sample", "subject").values
-            )
-        theta[name] = np.exp(np.median(v, axis=0))[None, :]
-    med = post.median("sample").expand_dims(sample=[0])
-    car, bcell = _solve_flat(fit, theta, data.times, data)
-    pred = _to_observation_scale(fit, data, car, bcell, med)[0]
+    from carnk_pkpd.population import (
+        PopulationDraws,
+        SubjectDesign,
+        individual_parameters,
+        observation_scale,
+    )
+    from carnk_pkpd.structural import simulate
+
+    pop = PopulationDraws.from_fit(fit)
+    design = SubjectDesign.from_cohort(fit.cohort, fit.spec)
+    zero = {name: np.zeros((pop.n_draws, design.n_subjects)) for name in pop.names}
+    theta = individual_parameters(pop, design, None, z=zero)
+    theta = {k: np.exp(np.median(np.log(v), axis=0)) for k, v in theta.items()}
+    data = design.records
+    t_all = np.unique(np.concatenate(data.times))
+    paths = simulate(
+        {**theta, "n_transit": np.full(design.n_subjects, pop.n_transit)},
+        list(design.doses),
+        t_all,
+        fit.spec,
+        _accuracy(fit),
+        design.ld(fit.spec),
+    )
+    t_rec = np.array([data.times[s][k] for s, k in zip(data.subject_index, data.time_index, strict=True)])
+    pos = np.searchsorted(t_all, t_rec)
+    car = np.asarray(paths["car"].values)[data.subject_index, pos][None, :]
+    bcell = np.asarray(paths["bcell"].values)[data.subject_index, pos][None, :]
+    med = {k: np.median(v)[None] for k, v in pop.residual.items()}
+    pred = observation_scale(fit.spec, data.dvid, car, bcell, med)[0]
     return xr.DataArray(pred, dims="record", coords={"record": np.arange(len(pred))}, name="PRED")
+
+
+def expected_predictions(fit: Any, n_draws: int | None = 200, seed: int = 0) -> xr.DataArray:
+    """EPRED per record: the mean prediction over new subjects with the record's design (doses, LD
+    window, covariates), new η from Ω and posterior draws (parameter uncertainty), in record units."""
+    sim = _simulate_records(fit, n_draws, seed, new_subjects=True)
+    return xr.DataArray(
+        sim["ipred"].mean("draw").values,
+        dims="record",
+        coords={"record": np.arange(sim.sizes["record"])},
+        name="EPRED",
+        attrs={"long_name": "expected prediction over new subjects and posterior draws, record's unit"},
+    )
 
 
 def npde(ppc: xr.Dataset, seed: int = 0) -> xr.DataArray:
@@ -225,14 +194,32 @@ def individual_curves(fit: Any, n_draws: int | None = 50, seed: int = 0, n_times
 
     Each subject's grid runs from day −5 to its last record (``n_times`` points, shared index
     ``k``; the days are in ``time`` on ``(subject, k)``). Returns ``car``/``bcell`` on
-    ``(sample, subject, k)``.
+    ``(sample, subject, k)``. Parameters and LD windows from the population layer (fitted η).
     """
-    data = observation_data(fit.cohort)
-    take = draw_indices(fit, n_draws, seed)
-    ind = _stack(fit.individual_parameters()).isel(sample=take)
+    from carnk_pkpd.population import PopulationDraws, SubjectDesign, individual_parameters
+    from carnk_pkpd.structural import simulate
+
+    pop = PopulationDraws.from_fit(fit, n_draws, seed)
+    design = SubjectDesign.from_cohort(fit.cohort, fit.spec)
+    data = design.records
+    theta = individual_parameters(pop, design, new_subjects=False)
     times = [np.linspace(-5.0, max(float(t.max()) if t.size else 28.0, 1.0), n_times) for t in data.times]
-    theta = {k: ind[k].values for k in ind.data_vars}
-    car, bcell = _solve_flat(fit, theta, times, data)
+    n_d, n_s = pop.n_draws, design.n_subjects
+    car = np.empty((n_d, n_s, n_times))
+    bcell = np.empty((n_d, n_s, n_times))
+    ld = design.ld(fit.spec)
+    for s_i in range(n_s):  # one subject's draws share its time grid
+        th = {k: v[:, s_i] for k, v in theta.items()}
+        th["n_transit"] = np.full(n_d, pop.n_transit)
+        paths = simulate(
+            th,
+            [design.doses[s_i]] * n_d,
+            times[s_i],
+            fit.spec,
+            _accuracy(fit),
+            {k: np.full(n_d, v[s_i]) for k, v in ld.items()},
+        )
+        car[:, s_i], bcell[:, s_i] = np.atleast_2d(paths["car"].values), np.atleast_2d(paths["bcell"].values)
     dims = ("sample", "subject", "k")
     return xr.Dataset(
         {
@@ -240,5 +227,5 @@ def individual_curves(fit: Any, n_draws: int | None = 50, seed: int = 0, n_times
             "bcell": (dims, bcell, {"units": "cells/µL"}),
             "time": (("subject", "k"), np.stack(times), {"units": "days"}),
         },
-        coords={"sample": take, "subject": data.ids},
+        coords={"sample": pop.draw, "subject": list(design.ids)},
     )

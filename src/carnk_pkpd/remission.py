@@ -44,7 +44,14 @@ Gauss–Hermite). These patients are very likely also in the individual data (sa
 visits are not available.
 
 The stage-2 posterior is stored as ``fits/NAME/remission.nc`` (atomically) and reused when its inputs
-(metric, thinning, K, seed, data hash, published file) match.
+(metric, thinning, K, seed, hashes of the data, posterior and model file, published file, link format)
+match. :func:`remission_source` is the one place every prediction gets its link from: this fitted link
+(``predict`` and ``doses`` alike, so neither depends on whether the other ran first), or the model
+file's link only when asked for (:func:`assumed_link`, labelled ASSUMED).
+
+Stage-1 metrics follow :mod:`carnk_pkpd.structural.metrics` (an event that never happens is NaN);
+:func:`link_values` is the one place NaN becomes a number for the link, and
+:func:`link_probabilities` the one implementation of the link for predictions.
 """
 
 from __future__ import annotations
@@ -62,14 +69,18 @@ import pandas as pd
 import xarray as xr
 
 from carnk_pkpd.regimen import Regimen
+from carnk_pkpd.structural.metrics import UNITS
 
 __all__ = [
     "ENDPOINTS",
+    "FITTED_SOURCE",
     "PublishedCount",
     "Regimen",
+    "assumed_link",
     "exposure_metrics",
     "fit_remission",
     "link_probabilities",
+    "link_values",
     "load_published",
     "outcomes_from_cohort",
     "predict_by_dose_level",
@@ -78,23 +89,16 @@ __all__ = [
     "prediction_table",
     "regimen_metrics",
     "remission_posterior",
+    "remission_source",
+    "run_predict",
     "sample_remission",
+    "select_draws",
 ]
 
 ENDPOINTS: tuple[str, ...] = ("DORIS", "LLDAS")
 DVID_DORIS, DVID_LLDAS = 10, 11
 REFERENCE_DAY = 180.0
 QUANTILES = (0.05, 0.5, 0.95)
-_METRIC_UNITS = {
-    "DA": "days",
-    "b_nadir": "cells/µL",
-    "b_nadir_day": "days",
-    "car_auc_0_28": "cells/µL·day",
-    "car_cmax": "cells/µL",
-    "car_tmax": "days",
-    "reappearance_day": "days",
-    "reconstitution_day": "days",
-}
 _DAY_METRICS = ("reappearance_day", "reconstitution_day")
 
 
@@ -112,21 +116,6 @@ def _metric_kwargs(spec: Any, horizon: float, resolution: float) -> dict[str, An
     return kw
 
 
-def _metrics_flat(
-    spec: Any,
-    params: Mapping[str, np.ndarray],
-    n_transit: int,
-    doses: list,
-    horizon: float,
-    resolution: float,
-) -> xr.Dataset:
-    from carnk_pkpd.structural import derived_metrics
-
-    p = {k: np.asarray(v, float).ravel() for k, v in params.items()}
-    p["n_transit"] = n_transit
-    return derived_metrics(p, doses, spec, **_metric_kwargs(spec, horizon, resolution))
-
-
 def exposure_metrics(
     fit: Any, thin: int | None = None, *, horizon: float = 365.0, resolution: float = 0.25
 ) -> xr.Dataset:
@@ -134,15 +123,25 @@ def exposure_metrics(
 
     ``car_cmax`` (cells/µL), ``car_tmax`` (days), ``car_auc_0_28`` (cells/µL·day), ``b_nadir``
     (cells/µL), ``b_nadir_day``, ``reappearance_day``, ``reconstitution_day`` (days; NaN if not reached
-    by ``horizon``), ``DA`` (days). ``thin`` keeps every ``thin``-th draw; doses are each subject's own.
+    by ``horizon``), ``DA`` (days). ``thin`` keeps every ``thin``-th draw. Each subject's own
+    parameters (:meth:`Fit.individual_parameters`, the population layer with the fitted η), infusions
+    and LD window (its EVID=2 rows, :class:`~carnk_pkpd.population.SubjectDesign`).
     """
+    from carnk_pkpd.population import SubjectDesign
+    from carnk_pkpd.structural import derived_metrics
+
     ind = fit.individual_parameters()
     if thin and thin > 1:
         ind = ind.isel(draw=slice(None, None, int(thin)))
     nc, nd, ns = ind.sizes["chain"], ind.sizes["draw"], ind.sizes["subject"]
     params = {k: ind[k].values.reshape(-1) for k in ind.data_vars}
-    doses = [list(s.doses) for s in fit.cohort.subjects] * (nc * nd)
-    m = _metrics_flat(fit.spec, params, int(ind.attrs["n_transit"]), doses, horizon, resolution)
+    params["n_transit"] = int(ind.attrs["n_transit"])
+    design = SubjectDesign.from_cohort(fit.cohort, fit.spec)
+    if design.ids != tuple(str(i) for i in ind["subject"].values):
+        raise ValueError("internal: the fit's subjects and its cohort's subjects are in different orders")
+    ld = {k: np.tile(v, nc * nd) for k, v in design.ld(fit.spec).items()}
+    doses = list(design.doses) * (nc * nd)
+    m = derived_metrics(params, doses, fit.spec, ld=ld, **_metric_kwargs(fit.spec, horizon, resolution))
     out = {
         k: (("chain", "draw", "subject"), m[k].values.reshape(nc, nd, ns), dict(m[k].attrs))
         for k in m.data_vars
@@ -166,16 +165,25 @@ def regimen_metrics(
 ) -> xr.Dataset:
     """Metrics of new virtual patients given ``regimen``, on ``sample, patient``.
 
-    Parameters come from :meth:`Fit.new_patients` (parameter uncertainty and between-subject
-    variability); ``regimen.ld_scale`` multiplies ``k_LD0``.
+    Simulated by the population layer (:func:`carnk_pkpd.population.simulate_population`: parameter
+    uncertainty over ``n_draws`` posterior draws, new η, dose-level tier, covariate effects with DOSE
+    following the regimen, the regimen's LD window and intensity), metrics of
+    :func:`carnk_pkpd.structural.derived_metrics` (NaN = never happens).
     """
-    pars = fit.new_patients(n_patients, seed, n_draws)
-    ns, npat = pars.sizes["sample"], pars.sizes["patient"]
-    params = {k: pars[k].values.reshape(-1) for k in pars.data_vars}
-    if regimen.ld_scale != 1.0 and "k_LD0" in params:
-        params["k_LD0"] = params["k_LD0"] * regimen.ld_scale
-    m = _metrics_flat(fit.spec, params, int(pars.attrs["n_transit"]), regimen.doses(), horizon, resolution)
-    out = {k: (("sample", "patient"), m[k].values.reshape(ns, npat), dict(m[k].attrs)) for k in m.data_vars}
+    from carnk_pkpd.population import simulate_population
+
+    sim = simulate_population(
+        fit,
+        regimen,
+        n_subjects=n_patients,
+        n_draws=n_draws,
+        seed=seed,
+        times=[0.0],
+        observations=False,
+        metric_options=dict(horizon=horizon, resolution=resolution),
+    )
+    ns, npat = sim.sizes["draw"], sim.sizes["subject"]
+    out = {k: (("sample", "patient"), sim[k].values, {"units": u}) for k, u in UNITS.items()}
     return xr.Dataset(
         out,
         coords={"sample": np.arange(ns), "patient": np.arange(npat)},
@@ -191,12 +199,45 @@ def _horizon_for(spec: Any, metric: str) -> float:
     return 365.0
 
 
-def _metric_values(x: np.ndarray, metric: str, horizon: float = 365.0) -> np.ndarray:
-    """Metric values ready for the link: day metrics never reached count as ``horizon``."""
-    x = np.asarray(x, float)
+_THRESHOLD_OF = {
+    "reappearance_day": "reappearance_threshold",
+    "reconstitution_day": "reconstitution_threshold",
+}
+_THRESHOLD_DEFAULT = {"reappearance_threshold": 1.0, "reconstitution_threshold": 10.0}
+
+
+def link_values(
+    metrics: Mapping[str, Any],
+    metric: str,
+    events: Mapping[str, Any] | None = None,
+    horizon: float = 365.0,
+) -> np.ndarray:
+    """The remission link's covariate from per-patient metrics (the one place "never happens" is mapped).
+
+    ``metrics`` maps metric names (those of :mod:`carnk_pkpd.structural.metrics`, where an event that
+    never happens is NaN) to arrays. A day metric (``reappearance_day``, ``reconstitution_day``) that is
+    NaN counts as 0 when B never fell below its threshold (``b_nadir`` given and ≥ the threshold of
+    ``events``, the model file's ``[events]``: no aplasia, nothing to recover from) and as ``horizon``
+    days otherwise (not back by the horizon). Other metrics are returned as they are.
+
+    Raises ``ValueError`` naming the metric when ``metrics`` does not hold it.
+    """
+    if metric not in metrics:
+        raise ValueError(f"unknown exposure metric {metric!r}; known: {sorted(metrics)}")
+    x = np.asarray(metrics[metric], float)
     if metric in _DAY_METRICS:
-        x = np.where(np.isfinite(x), x, horizon)
+        late = np.full(x.shape, float(horizon))
+        if "b_nadir" in metrics:
+            key = _THRESHOLD_OF[metric]
+            thr = float((events or {}).get(key, _THRESHOLD_DEFAULT[key]))
+            never_below = np.asarray(metrics["b_nadir"], float) >= thr
+            late = np.where(never_below, 0.0, late)
+        x = np.where(np.isfinite(x), x, late)
     return x
+
+
+def _events(spec: Any) -> dict[str, Any]:
+    return dict(getattr(spec, "events", {}) or {})
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -319,7 +360,7 @@ def sample_remission(
     import pytensor.tensor as pt
 
     ids = [str(i) for i in subject_ids]
-    x = _metric_values(np.asarray(metric_draws, float), metric)
+    x = link_values({metric: metric_draws}, metric)
     if x.ndim != 2 or x.shape[0] != len(ids):
         raise ValueError(f"metric_draws must be (subject, K) with {len(ids)} subjects (found {x.shape})")
     if not np.all(np.isfinite(x)):
@@ -388,7 +429,7 @@ def sample_remission(
                 for lab, w in c.mix.items():
                     if published_metrics is None or lab not in published_metrics:
                         raise ValueError(f"published counts: no virtual-patient metrics for dose level {lab}")
-                    zm = (_metric_values(published_metrics[lab], metric).ravel() - center) / scale
+                    zm = (link_values({metric: published_metrics[lab]}, metric).ravel() - center) / scale
                     lin = a + b * zm[:, None] + sigma_u * gh_x[None, :] + v[dj]
                     p = p + w * pt.sum(pm.math.sigmoid(lin) * gh_w[None, :]) / zm.size
                 p = pt.clip(p, 1e-9, 1 - 1e-9)
@@ -459,44 +500,55 @@ def _flat(post: xr.Dataset, name: str) -> np.ndarray:
 def link_probabilities(
     post: xr.Dataset, metric: np.ndarray, day: float, u: np.ndarray | None = None
 ) -> dict[str, np.ndarray]:
-    """P(DORIS), P(LLDAS) per stage-2 draw (leading axis) for ``metric`` values broadcast against it.
+    """P(DORIS), P(LLDAS) per link draw (leading axis) for ``metric`` values broadcast against it.
 
-    ``metric``: shape ``(draws, ...)`` or broadcastable; ``u``: patient effect of the same shape
-    (0 when None: the typical patient).
+    The one implementation of the link (module doc): ``σ(theta0_endpoint + theta1·(x − center)/scale
+    + u + v(day))``. ``post`` is a stage-2 posterior or :func:`assumed_link`; ``metric``: the link's
+    covariate (:func:`link_values`), shape ``(draws, ...)`` or broadcastable; ``u``: patient effect
+    (log-odds) of the same shape, 0 when None (the typical patient); ``day`` in days.
     """
     center, scale = float(post.attrs["center"]), float(post.attrs["scale"])
-    x = _metric_values(metric, str(post.attrs["metric"]))
-    z = (x - center) / scale
+    name = str(post.attrs["metric"])
+    z = (link_values({name: metric}, name) - center) / scale
     nd = _flat(post, "theta1").size
     extra = (1,) * max(np.ndim(z) - 1, np.ndim(u) - 1 if u is not None else 0, 0)
     b = _flat(post, "theta1").reshape((nd, *extra))
     v = _visit_effect(post, day).reshape((nd, *extra))
     eta = b * z + v + (0.0 if u is None else u)
     out = {}
-    for ep, name in (("DORIS", "theta0_doris"), ("LLDAS", "theta0_lldas")):
-        a = _flat(post, name).reshape((nd, *extra))
+    for ep, var in (("DORIS", "theta0_doris"), ("LLDAS", "theta0_lldas")):
+        a = _flat(post, var).reshape((nd, *extra))
         out[ep] = 1.0 / (1.0 + np.exp(-(a + eta)))
     return out
+
+
+def select_draws(post: xr.Dataset, n: int, rng: np.random.Generator) -> xr.Dataset:
+    """``n`` link draws picked at random (with replacement when ``n`` exceeds the draws), on
+    ``chain = [0], draw = 0..n−1``, with the link's attrs: one per kinetic draw it is paired with."""
+    keep = [v for v in ("theta0_lldas", "theta0_doris", "theta1", "sigma_u", "v") if v in post]
+    flat = post[keep].stack(s=("chain", "draw"))
+    nd = flat.sizes["s"]
+    take = rng.choice(nd, size=n, replace=n > nd)
+    sub = flat.isel(s=take).drop_vars(["s", "chain", "draw"]).rename({"s": "draw"})
+    sub = sub.expand_dims(chain=[0]).assign_coords(draw=np.arange(n))
+    sub.attrs = dict(post.attrs)
+    return sub.transpose("chain", "draw", ...)
 
 
 def predict_from_metric(
     post: xr.Dataset, metric: np.ndarray, days: Sequence[float] = (180.0, 365.0), seed: int = 0
 ) -> xr.Dataset:
-    """Predicted probabilities for new patients with given metric values ``(sample, patient)``.
+    """Predicted probabilities for new patients with given link covariates ``(sample, patient)``.
 
-    Each sample row is paired with a random stage-2 draw; each patient gets a fresh patient effect.
-    Returns ``p_population`` (mean over patients; quantiles = parameter uncertainty), ``p_individual``
-    (quantiles over samples × patients) on ``endpoint, day, quantile``, and ``p_mean`` (fully
-    integrated predictive probability) on ``endpoint, day``.
+    Each sample row is paired with a random link draw (:func:`select_draws`); each patient gets a fresh
+    patient effect. Returns ``p_population`` (mean over patients; quantiles = parameter uncertainty),
+    ``p_individual`` (quantiles over samples × patients) on ``endpoint, day, quantile``, and ``p_mean``
+    (fully integrated predictive probability) on ``endpoint, day``.
     """
     rng = np.random.default_rng(seed)
     x = np.atleast_2d(np.asarray(metric, float))
     n_s, n_p = x.shape
-    nd = _flat(post, "theta1").size
-    take = rng.choice(nd, size=n_s, replace=n_s > nd)
-    sub = post.stack(s=("chain", "draw")).isel(s=take)
-    sub = sub.drop_vars(["s", "chain", "draw"]).rename({"s": "draw"}).expand_dims(chain=[0])
-    sub = sub.assign_coords(draw=np.arange(n_s))
+    sub = select_draws(post, n_s, rng)
     u = _flat(sub, "sigma_u")[:, None] * rng.standard_normal((n_s, n_p))
     pop = np.zeros((2, len(days), len(QUANTILES)))
     ind = np.zeros_like(pop)
@@ -518,24 +570,79 @@ def predict_from_metric(
     )
 
 
+FITTED_SOURCE = "fitted remission model (ordinal DORIS/LLDAS link, stage-2 posterior)"
+
+
+def assumed_link(spec: Any) -> xr.Dataset:
+    """The model file's ``[remission]`` link as a one-draw link "posterior" (ASSUMED values).
+
+    ``theta0`` is the intercept of both DORIS and LLDAS (one P(CR) stands for both, at every visit),
+    ``theta1`` the slope, no patient or visit effect. Usable wherever a stage-2 posterior is
+    (:func:`link_probabilities`, :func:`predict_from_metric`, the dose search); ``attrs["source"]``
+    says ASSUMED.
+    """
+    rem = dict(spec.remission)
+    th0 = float(rem.get("theta0", 0.5))
+    one = (("chain", "draw"), np.ones((1, 1)))
+
+    def var(x: float) -> tuple:
+        return (one[0], one[1] * x)
+
+    ds = xr.Dataset(
+        {
+            "theta0_lldas": var(th0),
+            "theta0_doris": var(th0),
+            "delta": var(0.0),
+            "theta1": var(float(rem.get("theta1", 1.0))),
+            "sigma_u": var(0.0),
+            "v": (("chain", "draw", "visit_day"), np.zeros((1, 1, 1))),
+        },
+        coords={"chain": [0], "draw": [0], "visit_day": [REFERENCE_DAY]},
+    )
+    ds.attrs.update(
+        metric=str(rem.get("metric", "DA")),
+        center=float(rem.get("center", 55.0)),
+        scale=float(rem.get("scale", 15.0)),
+        assumed=1,
+        source=(
+            "model file [remission] link, ASSUMED values (not fitted); one P(CR) stands for DORIS "
+            "and LLDAS at every visit"
+        ),
+    )
+    return ds
+
+
 # ---------------------------------------------------------------------------------------------------
 # Fit-level API: stage 2 from a kinetic fit, stored next to it
 # ---------------------------------------------------------------------------------------------------
-def _metric_draws(em: xr.Dataset, metric: str, k: int, seed: int) -> np.ndarray:
-    """``(subject, K)`` draws of ``metric`` from ``exposure_metrics`` output."""
+def _metric_draws(em: xr.Dataset, metric: str, k: int, seed: int, events: Mapping[str, Any]) -> np.ndarray:
+    """``(subject, K)`` link covariates (:func:`link_values`) from ``exposure_metrics`` output."""
     if metric not in em:
         raise ValueError(f"unknown exposure metric {metric!r}; known: {sorted(em.data_vars)}")
-    arr = em[metric].stack(s=("chain", "draw")).transpose("subject", "s").values
-    rng = np.random.default_rng(seed)
-    if arr.shape[1] > k:
-        arr = arr[:, np.sort(rng.choice(arr.shape[1], size=k, replace=False))]
-    return _metric_values(arr, metric)
+    flat = {
+        name: em[name].stack(s=("chain", "draw")).transpose("subject", "s").values
+        for name in {metric, "b_nadir"} & set(em.data_vars)
+    }
+    n = flat[metric].shape[1]
+    if n > k:
+        pick = np.sort(np.random.default_rng(seed).choice(n, size=k, replace=False))
+        flat = {name: v[:, pick] for name, v in flat.items()}
+    return link_values(flat, metric, events, float(em.attrs.get("horizon", 365.0)))
+
+
+def _new_patient_link_values(
+    fit: Any, regimen: Regimen, n_patients: int, seed: int, n_draws: int | None, resolution: float
+) -> np.ndarray:
+    """Link covariates ``(sample, patient)`` of new virtual patients given ``regimen``."""
+    metric = str(fit.spec.remission.get("metric", "DA"))
+    hz = _horizon_for(fit.spec, metric)
+    m = regimen_metrics(fit, regimen, n_patients, seed, n_draws, resolution=resolution, horizon=hz)
+    return link_values(m, metric, _events(fit.spec), hz)
 
 
 def _published_metrics(
     fit: Any, counts: Sequence[PublishedCount], n_patients: int, seed: int, resolution: float
 ) -> dict[str, np.ndarray]:
-    metric = str(fit.spec.remission.get("metric", "DA"))
     labels = sorted({lab for c in counts for lab in c.mix})
     out = {}
     for lab in labels:
@@ -543,10 +650,7 @@ def _published_metrics(
         if key not in fit.spec.dose_levels:
             raise ValueError(f"published counts: dose level {lab!r} not in the model file's [dose_levels]")
         reg = Regimen.from_dose_level(fit.spec.dose_levels[key])
-        m = regimen_metrics(
-            fit, reg, n_patients, seed, 20, resolution=resolution, horizon=_horizon_for(fit.spec, metric)
-        )
-        out[lab] = m[metric].values.ravel()
+        out[lab] = _new_patient_link_values(fit, reg, n_patients, seed, 20, resolution).ravel()
     return out
 
 
@@ -554,9 +658,14 @@ def _fingerprint(fit: Any, settings: Mapping[str, Any]) -> str:
     h = hashlib.sha256()
     h.update(repr(sorted(settings.items())).encode())
     files = (fit.manifest or {}).get("files") or {}
-    h.update(str(files.get("data.csv", "")).encode())
-    h.update(str(files.get("posterior.nc", "")).encode())
+    for name in ("data.csv", "posterior.nc", "model.toml"):
+        h.update(str(files.get(name, "")).encode())
     return h.hexdigest()[:16]
+
+
+#: Bumped when what the stored stage-2 posterior means changes (2: day metrics that never happen
+#: mapped by :func:`link_values`), so an older ``remission.nc`` is refitted, not reused.
+LINK_FORMAT = 2
 
 
 def fit_remission(
@@ -582,7 +691,7 @@ def fit_remission(
     if thin is None:
         thin = max(1, int(post.sizes["draw"] * post.sizes["chain"] // max(n_metric_draws, 1)))
     em = exposure_metrics(fit, thin, resolution=resolution, horizon=_horizon_for(fit.spec, metric))
-    x = _metric_draws(em, metric, n_metric_draws, seed)
+    x = _metric_draws(em, metric, n_metric_draws, seed, _events(fit.spec))
     counts = load_published(published) if published else None
     pm_ = _published_metrics(fit, counts, 20, seed, resolution) if counts else None
     days = [float(d) for d in fit.spec.simulation.get("clinical_days", []) if float(d) > 0]
@@ -604,8 +713,8 @@ def fit_remission(
         seed=seed,
     )
     # keep the stage-1 draws used, so observed-subject predictions need no re-solve
-    out["metric_draws"] = (("subject", "metric_draw"), x, {"units": _METRIC_UNITS.get(metric, "")})
-    out.attrs["synthetic"] = int(bool(fit.synthetic))
+    out["metric_draws"] = (("subject", "metric_draw"), x, {"units": UNITS.get(metric, "")})
+    out.attrs.update(synthetic=int(bool(fit.synthetic)), source=FITTED_SOURCE)
     return out
 
 
@@ -625,7 +734,9 @@ def remission_posterior(
 ) -> xr.Dataset:
     """The stage-2 posterior: read ``remission.nc`` from the fit folder when its settings match,
     else fit it (:func:`fit_remission`) and store it there atomically."""
-    settings = dict(kwargs, seed=seed, metric=str(fit.spec.remission.get("metric", "DA")))
+    settings = dict(
+        kwargs, seed=seed, metric=str(fit.spec.remission.get("metric", "DA")), link_format=LINK_FORMAT
+    )
     if published:
         settings["published"] = hashlib.sha256(Path(published).read_bytes()).hexdigest()
     key = _fingerprint(fit, settings)
@@ -637,6 +748,7 @@ def remission_posterior(
             ds = xr.open_dataset(target, engine="netcdf4").load()
             ds.close()
             if ds.attrs.get("fingerprint") == key:
+                ds.attrs["source"] = FITTED_SOURCE
                 return ds
         except (OSError, ValueError):
             pass
@@ -645,6 +757,31 @@ def remission_posterior(
     if target is not None:
         _save_atomic(ds, target)
     return ds
+
+
+def remission_source(
+    fit: Any,
+    *,
+    assumed: bool = False,
+    published: str | os.PathLike | None = None,
+    seed: int = 0,
+    **fit_kwargs: Any,
+) -> xr.Dataset:
+    """The remission link every prediction uses (``predict`` and ``doses`` alike).
+
+    By default the fitted stage-2 link (:func:`remission_posterior`: fitted on demand and cached in
+    the fit folder under a fingerprint of the fit, the settings and ``seed``), so the same fit and seed
+    give the same link whichever command ran first. ``assumed=True`` gives the model file's link
+    (:func:`assumed_link`, labelled ASSUMED); it is never used unless asked for.
+    ``attrs["source"]`` says which.
+    """
+    if assumed:
+        if published:
+            raise ValueError(
+                "published counts need the fitted link; they cannot be used with the assumed link"
+            )
+        return assumed_link(fit.spec)
+    return remission_posterior(fit, published=published, seed=seed, **fit_kwargs)
 
 
 def _subject_predictions(post: xr.Dataset, days: Sequence[float], seed: int) -> np.ndarray:
@@ -673,42 +810,47 @@ def predict_remission(
     n_draws: int = 40,
     published: str | os.PathLike | None = None,
     posterior: xr.Dataset | None = None,
+    assumed: bool = False,
     **fit_kwargs: Any,
 ) -> xr.Dataset:
     """Posterior predictive P(DORIS), P(LLDAS) at ``visits`` (days).
 
-    Returns ``p_subject`` on ``subject, endpoint, day, quantile`` (observed subjects) and, when
-    ``regimen`` is given, ``p_population`` / ``p_individual`` (``endpoint, day, quantile``) and
-    ``p_mean`` for a new patient (``n_patients`` virtual patients per each of ``n_draws`` kinetic
-    posterior draws). Quantiles 0.05, 0.5, 0.95. The stage-2 posterior is read from / stored in the
-    fit folder (:func:`remission_posterior`) unless ``posterior`` is given.
+    Returns ``p_subject`` on ``subject, endpoint, day, quantile`` (observed subjects; fitted link only)
+    and, when ``regimen`` is given, ``p_population`` / ``p_individual`` (``endpoint, day, quantile``)
+    and ``p_mean`` for a new patient (``n_patients`` virtual patients per each of ``n_draws`` kinetic
+    posterior draws). Quantiles 0.05, 0.5, 0.95. The link is :func:`remission_source` (fitted and
+    cached in the fit folder, or the ASSUMED file link with ``assumed=True``) unless ``posterior``
+    is given; ``attrs["source"]`` says which.
     """
     regimen = Regimen.coerce(regimen) if regimen is not None else None  # a tuple or mapping works too
     post = (
         posterior
         if posterior is not None
-        else remission_posterior(fit, published=published, seed=seed, **fit_kwargs)
+        else remission_source(fit, assumed=assumed, published=published, seed=seed, **fit_kwargs)
     )
     days = [float(d) for d in visits]
-    ps = _subject_predictions(post, days, seed)
-    ds = xr.Dataset(
-        {"p_subject": (("subject", "endpoint", "day", "quantile"), ps, {"units": "1"})},
-        coords={
-            "subject": post["subject"].values,
-            "endpoint": list(ENDPOINTS),
-            "day": np.asarray(days, float),
-            "quantile": list(QUANTILES),
-        },
-    )
+    coords = {"endpoint": list(ENDPOINTS), "day": np.asarray(days, float), "quantile": list(QUANTILES)}
+    ds = xr.Dataset(coords=coords)
+    if "metric_draws" in post:
+        ps = _subject_predictions(post, days, seed)
+        ds["p_subject"] = xr.DataArray(
+            ps,
+            dims=("subject", "endpoint", "day", "quantile"),
+            coords={"subject": post["subject"].values},
+            attrs={"units": "1"},
+        )
     metric = str(post.attrs["metric"])
     if regimen is not None:
-        hz = _horizon_for(fit.spec, metric)
-        m = regimen_metrics(fit, regimen, n_patients, seed, n_draws, resolution=0.5, horizon=hz)
-        ds = ds.merge(predict_from_metric(post, m[metric].values, days, seed))
+        x = _new_patient_link_values(fit, regimen, n_patients, seed, n_draws, 0.5)
+        ds = ds.merge(predict_from_metric(post, x, days, seed))
         ds.attrs.update(regimen.as_dict())
     ds["day"].attrs["units"] = "days"
     ds.attrs.update(
-        metric=metric, synthetic=int(bool(fit.synthetic)), seed=int(seed), published=int(bool(published))
+        metric=metric,
+        synthetic=int(bool(fit.synthetic)),
+        seed=int(seed),
+        published=int(bool(published)),
+        source=str(post.attrs.get("source", FITTED_SOURCE)),
     )
     return ds
 
@@ -721,23 +863,76 @@ def predict_by_dose_level(
     *,
     n_draws: int = 40,
     published: str | os.PathLike | None = None,
+    assumed: bool = False,
     **fit_kwargs: Any,
 ) -> xr.Dataset:
     """New-patient predictions for each of the model file's dose levels, on a ``dose_level`` dim."""
-    post = remission_posterior(fit, published=published, seed=seed, **fit_kwargs)
+    post = remission_source(fit, assumed=assumed, published=published, seed=seed, **fit_kwargs)
     parts = []
     labels = list(fit.spec.dose_levels)
     for lab in labels:
         reg = Regimen.from_dose_level(fit.spec.dose_levels[lab])
-        hz = _horizon_for(fit.spec, str(post.attrs["metric"]))
-        m = regimen_metrics(fit, reg, n_patients, seed, n_draws, resolution=0.5, horizon=hz)
-        p = predict_from_metric(post, m[str(post.attrs["metric"])].values, visits, seed)
+        x = _new_patient_link_values(fit, reg, n_patients, seed, n_draws, 0.5)
+        p = predict_from_metric(post, x, visits, seed)
         for k, v in reg.as_dict().items():
             p[k] = v
         parts.append(p)
     ds = xr.concat(parts, dim=pd.Index(labels, name="dose_level"))
-    ds.attrs.update(metric=str(post.attrs["metric"]), synthetic=int(bool(fit.synthetic)), seed=int(seed))
+    ds.attrs.update(
+        metric=str(post.attrs["metric"]),
+        synthetic=int(bool(fit.synthetic)),
+        seed=int(seed),
+        source=str(post.attrs.get("source", FITTED_SOURCE)),
+    )
     return ds
+
+
+#: Columns of ``remission.csv`` (``dose_level`` first when predicting by dose level).
+TABLE_COLUMNS = (
+    "endpoint",
+    "day",
+    "median",
+    "q05",
+    "q95",
+    "dose",
+    "interval",
+    "n_infusions",
+    "ld_scale",
+    "mean",
+)
+
+
+def run_predict(
+    fit: Any,
+    regimen: Regimen | None = None,
+    visits: Sequence[float] = (180.0, 365.0),
+    n_patients: int = 20,
+    seed: int = 0,
+    *,
+    published: str | os.PathLike | None = None,
+    assumed: bool = False,
+) -> tuple[pd.DataFrame, xr.Dataset]:
+    """The ``predict`` command: the ``remission.csv`` table and the prediction Dataset.
+
+    With ``regimen`` one new-patient prediction; without, one per dose level of the model file
+    (``dose_level`` column first). Columns: ``[dose_level,] endpoint, day, median, q05, q95, dose,
+    interval, n_infusions, ld_scale, mean`` (probabilities; day in days). ``ds.attrs["source"]`` names
+    the remission link used.
+    """
+    if regimen is not None:
+        ds = predict_remission(fit, regimen, visits, n_patients, seed, published=published, assumed=assumed)
+        table = prediction_table(ds, regimen)
+        cols = list(TABLE_COLUMNS)
+    else:
+        ds = predict_by_dose_level(fit, visits, n_patients, seed, published=published, assumed=assumed)
+        parts = []
+        for lab in ds["dose_level"].values:
+            sub = ds.sel(dose_level=lab)
+            reg = Regimen(float(sub["dose"]), float(sub["interval"]), int(sub["n_infusions"]), 1.0)
+            parts.append(prediction_table(sub, reg).assign(dose_level=str(lab)))
+        table = pd.concat(parts, ignore_index=True)
+        cols = ["dose_level", *TABLE_COLUMNS]
+    return table[cols], ds
 
 
 def prediction_table(ds: xr.Dataset, regimen: Regimen | None = None) -> pd.DataFrame:

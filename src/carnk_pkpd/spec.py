@@ -131,6 +131,7 @@ _PRIOR_ARGS: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
 
 _TOP_KEYS = (
     "model",
+    "lymphodepletion",
     "parameters",
     "observations",
     "covariates",
@@ -198,6 +199,23 @@ _EVENTS_DEFAULTS: dict[str, Any] = {
     "aplasia_window": [0.0, 180.0],
     "basis": "assumed",
     "source": "science.md §4 derived events",
+}
+
+#: How lymphodepletion (LD) shapes the CAR-NK kinetics (reference structure). ``surge``: the IL-15
+#: surge ρ·e^(−k_h (t − t_s)) is multiplied by the regimen's LD intensity (``"scaled"``: no LD, no
+#: surge) or not (``"independent"``); its time origin t_s is the last LD day + ``surge_delay`` days
+#: (3 in the trial: LD ends on day −3, first infusion on day 0). ``rejection_onset``: rejection grows
+#: as k_rej·(1 − d·e^(−k_rec (t − t_LD_end))) with d = min(LD intensity, 1), the fraction of host
+#: lymphocytes depleted (``"scaled"``: without LD rejection acts in full from the first infusion), or
+#: with d = 1 whatever the LD (``"independent"``). The LD kill k_LD0 always scales with the intensity.
+_LD_MODES = ("scaled", "independent")
+_LYMPHODEPLETION_DEFAULTS: dict[str, Any] = {
+    "surge": "scaled",
+    "rejection_onset": "scaled",
+    "surge_delay": 3.0,
+    "basis": "assumed",
+    "source": "Kochenderfer et al. 2017 (Cy/Flu raises IL-15, which drives early expansion of infused "
+    "cells); host lymphocyte recovery after LD drives allogeneic rejection (science.md §2, §4)",
 }
 
 #: ``models/`` of a source checkout (``src/carnk_pkpd/spec.py`` -> ``models/``): the canonical files.
@@ -394,6 +412,7 @@ class ModelSpec:
     events: dict[str, Any]
     raw: dict[str, Any] = field(repr=False)
     text: str = field(repr=False)
+    lymphodepletion: dict[str, Any] = field(default_factory=lambda: dict(_LYMPHODEPLETION_DEFAULTS))
 
     def __repr__(self) -> str:
         return (
@@ -1129,6 +1148,27 @@ def _check_events(col: _Collector, ev: dict[str, Any]) -> None:
         )
 
 
+def _check_lymphodepletion(col: _Collector, ld: dict[str, Any], structure: str) -> None:
+    for k in ("surge", "rejection_onset"):
+        if ld[k] not in _LD_MODES:
+            col.add(
+                f"lymphodepletion.{k}",
+                f"unknown mode{_hint(str(ld[k]), _LD_MODES)} (found {_fmt(ld[k])}, expected one of {', '.join(_LD_MODES)})",
+            )
+        elif structure == "stein" and ld[k] != "independent":
+            col.add(
+                f"lymphodepletion.{k}",
+                f"the stein structure has no LD-driven surge or rejection term (found {_fmt(ld[k])}, "
+                'expected "independent")',
+            )
+    _check_number(col, "lymphodepletion.surge_delay", ld["surge_delay"])
+    if ld["basis"] not in BASES:
+        col.add(
+            "lymphodepletion.basis",
+            f"unknown basis (found {_fmt(ld['basis'])}, expected one of {', '.join(BASES)})",
+        )
+
+
 def _as_float_lists(mapping: dict[str, Any], keys: tuple[str, ...]) -> dict[str, Any]:
     out = dict(mapping)
     for k in keys:
@@ -1240,6 +1280,11 @@ def _build_spec(raw: dict[str, Any], text: str, shown: str, source_file: Path | 
     _check_simulation(col, simulation)
     events = _parse_mapping(col, "events", raw.get("events"), _EVENTS_DEFAULTS)
     _check_events(col, events)
+    ld_defaults = dict(_LYMPHODEPLETION_DEFAULTS)
+    if structure == "stein":  # Stein kinetics have no LD-driven term
+        ld_defaults.update(surge="independent", rejection_onset="independent")
+    lymphodepletion = _parse_mapping(col, "lymphodepletion", raw.get("lymphodepletion"), ld_defaults)
+    _check_lymphodepletion(col, lymphodepletion, structure)
 
     col.raise_if_any()
     return ModelSpec(
@@ -1256,6 +1301,7 @@ def _build_spec(raw: dict[str, Any], text: str, shown: str, source_file: Path | 
         events=_as_float_lists(events, ("aplasia_window",)),
         raw=raw,
         text=text,
+        lymphodepletion=lymphodepletion,
     )
 
 

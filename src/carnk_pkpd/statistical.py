@@ -9,13 +9,18 @@ Per structural parameter ``p`` (natural units as in ``models/*.toml``):
   level with one patient borrows from the others (partial pooling);
 * covariate effects from the file's ``[[covariates]]`` (power on dose or a continuous covariate
   normalised to its cohort median, linear, or categorical factors);
-* between-subject variability where ``bsv.estimate = true``: ``log p_i = log p_DL + covariates +
-  omega_p·eta_i`` with ``eta_i ~ N(0, 1)`` (non-centred), ``omega_p ~ HalfNormal(bsv.sd)``.
+* between-subject variability where ``bsv.sd > 0``: ``log p_i = log p_DL + covariates +
+  omega_p·eta_i`` with ``eta_i ~ N(0, 1)`` (non-centred); ``omega_p ~ HalfNormal(bsv.sd)`` where
+  ``bsv.estimate = true``, ``omega_p = bsv.sd`` where it is false (OMEGA FIX, as in NONMEM: the η
+  stay in the model, only ω is not estimated). ``sd = 0`` or no ``bsv``: no BSV.
+* each subject's lymphodepletion window from its EVID=2 rows (first to last day, full intensity; no
+  EVID=2 row: no LD), with the surge and rejection onset the file's ``[lymphodepletion]`` declares.
 
-Residual error per DVID: log-normal for CAR-NK by flow (DVID 1) and for qPCR (DVID 3, with a
-copies-per-cell conversion factor), combined proportional + additive for B cells (DVID 2). Records
-with BLQ = 1 contribute log P(Y < LLOQ) (Beal's M3, left-censoring at the LLOQ);
-they are never dropped or imputed. Clinical records (DVID 10–12) belong to the remission model.
+The prediction of a record is chosen by its DVID (1 and 3: CAR-NK, DVID 3 times the copies-per-cell
+factor; 2: B cells), and its residual error by the file's error model for that DVID (log-normal or
+combined proportional + additive). Records with BLQ = 1 contribute log P(Y < LLOQ) (Beal's M3,
+left-censoring at the LLOQ); they are never dropped or imputed. Clinical records (DVID 10–12) belong
+to the remission model.
 """
 
 from __future__ import annotations
@@ -30,7 +35,9 @@ import pytensor.tensor as pt
 from carnk_pkpd.spec import ModelSpec
 
 PK_DVIDS = (1, 2, 3)
-CAR_FLOOR = 1e-9  # cells/µL added to predicted CAR-NK before taking logs (N is exactly 0 pre-dose)
+CAR_DVIDS = (1, 3)  # records predicted by CAR-NK (flow cells/µL; qPCR copies/µg via copies_per_cell)
+B_DVIDS = (2,)  # records predicted by B cells
+CAR_FLOOR = 1e-9  # cells/µL added to a prediction before taking logs (N is exactly 0 pre-dose)
 
 
 @dataclass(frozen=True)
@@ -53,6 +60,7 @@ class ObservationData:
     blq: np.ndarray
     lloq: np.ndarray
     covariates: dict[str, np.ndarray] = field(default_factory=dict)
+    ld_times: list[np.ndarray] = field(default_factory=list)
 
     @property
     def n_subjects(self) -> int:
@@ -65,7 +73,7 @@ class ObservationData:
 
 def observation_data(cohort: Any, dvids: tuple[int, ...] = PK_DVIDS) -> ObservationData:
     """Collect the concentration records (DVID 1–3) of a :class:`~carnk_pkpd.data.Cohort`."""
-    ids, dls, doses, times = [], [], [], []
+    ids, dls, doses, times, ld_times = [], [], [], [], []
     rec = {k: [] for k in ("subject_index", "time_index", "dvid", "dv", "blq", "lloq")}
     cov_names = sorted({k for s in cohort.subjects for k in s.covariates})
     covs = {k: [] for k in cov_names}
@@ -76,6 +84,7 @@ def observation_data(cohort: Any, dvids: tuple[int, ...] = PK_DVIDS) -> Observat
         ids.append(str(subj.id))
         dls.append(str(subj.dl))
         doses.append(np.asarray(subj.doses, float).reshape(-1, 2))
+        ld_times.append(np.asarray(subj.ld_times, float))
         times.append(t)
         rec["subject_index"].append(np.full(len(obs), si))
         rec["time_index"].append(np.searchsorted(t, obs["TIME"].to_numpy(float)))
@@ -102,6 +111,7 @@ def observation_data(cohort: Any, dvids: tuple[int, ...] = PK_DVIDS) -> Observat
         blq=cat["blq"].astype(int),
         lloq=cat["lloq"].astype(float),
         covariates={k: np.asarray(v, float) for k, v in covs.items()},
+        ld_times=ld_times,
     )
 
 
@@ -139,39 +149,29 @@ def _scalar_rv(name: str, scalar: Any):
 
 
 def _covariate_terms(spec: ModelSpec, data: ObservationData, name: str):
-    """Sum of covariate effects on log p_i for parameter ``name`` (a tensor of shape (subject,))."""
+    """Sum of covariate effects on log p_i for parameter ``name`` (a tensor of shape (subject,)).
+
+    Covariate values and reference values come from :mod:`carnk_pkpd.population` (the same rules serve
+    simulation: a continuous covariate is centred on the fitted cohort's median or mean, or the file's
+    number; ``DOSE`` is each subject's dose per infusion)."""
+    from carnk_pkpd.population import categorical_levels, covariate_center, covariate_values
+
     total = pt.zeros(data.n_subjects)
     for cov in spec.covariates:
         if cov.parameter != name:
             continue
-        if cov.covariate.upper() == "DOSE":
-            x = np.array([d[0, 1] if len(d) else np.nan for d in data.doses])
-        elif cov.covariate.upper() in data.covariates:
-            x = data.covariates[cov.covariate.upper()]
-        else:
-            raise ValueError(
-                f"covariate {cov.covariate!r} (model file, effect on {name}) is not in the cohort"
-            )
-        if np.any(~np.isfinite(x)):
-            raise ValueError(f"covariate {cov.covariate!r} is missing for some subjects; impute or drop it")
+        x = covariate_values(cov, data.doses, data.covariates)
         label = f"beta_{name}_{cov.covariate.upper()}"
         pr = cov.prior or {"dist": "Normal", "mu": 0.0, "sigma": 1.0}
         if cov.form == "categorical":
-            levels = sorted(set(x.tolist()))
-            ref = cov.reference if cov.reference is not None else levels[0]
-            others = [lv for lv in levels if lv != float(ref)]
+            _, others = categorical_levels(cov, x)
             if not others:
                 continue
             beta = pm.Normal(label, pr.get("mu", 0.0), pr.get("sigma", 1.0), shape=len(others))
             for j, lv in enumerate(others):
                 total = total + beta[j] * (x == lv).astype(float)
             continue
-        if cov.center in (None, "median"):
-            center = float(np.median(x))
-        elif cov.center == "mean":
-            center = float(np.mean(x))
-        else:
-            center = float(cov.center)
+        center = covariate_center(cov, x)
         beta = pm.Normal(label, pr.get("mu", 0.0), pr.get("sigma", 1.0))
         if cov.form == "power":
             total = total + beta * np.log(x / center)
@@ -180,17 +180,33 @@ def _covariate_terms(spec: ModelSpec, data: ObservationData, name: str):
     return total
 
 
+def ld_window(data: ObservationData, spec: ModelSpec) -> dict[str, np.ndarray]:
+    """Per-subject lymphodepletion inputs of the solver: each subject's EVID=2 days (first to last,
+    full intensity); a subject without EVID=2 rows had no LD (intensity 0)."""
+    from carnk_pkpd.population import ld_window_from_times
+
+    return ld_window_from_times(data.ld_times, spec)
+
+
 def build_model(spec: ModelSpec, data: ObservationData, *, accuracy: str = "default") -> pm.Model:
     """The PyMC model of ``spec`` for the records in ``data`` (see the module docstring)."""
     from pytensor.link.jax.ops import wrap_jax
 
+    from carnk_pkpd.population import solver_rate_bounds
     from carnk_pkpd.structural.solve import make_grid, solve
 
     n_transit = int(round(spec.parameters["n_transit"].typical))
     # the fastest plausible transit and kill rates (1/day) size the grid, which serves every draw
-    k_tr_max = n_transit / spec.parameters["MTT"].typical * np.exp(_log_spread(spec, "MTT"))
-    k_kill_max = spec.parameters["k_kmax"].typical * np.exp(_log_spread(spec, "k_kmax"))
-    grid = make_grid(data.doses, data.times, accuracy, k_tr=k_tr_max, k_kill=k_kill_max, bucket=1)
+    k_tr_max, k_kill_max = solver_rate_bounds(spec)
+    grid = make_grid(
+        data.doses,
+        data.times,
+        accuracy,
+        k_tr=k_tr_max,
+        k_kill=k_kill_max,
+        bucket=1,
+        ld=ld_window(data, spec),
+    )
     n_out = grid.times.shape[1]
     flat = data.subject_index * n_out + data.time_index
     names = [p for p in spec.parameters if p != "n_transit"]
@@ -208,22 +224,31 @@ def build_model(spec: ModelSpec, data: ObservationData, *, accuracy: str = "defa
         theta = {}
         for name in names:
             par = spec.parameters[name]
-            if par.fixed:
+            if par.fixed and par.bsv_sd <= 0:
                 theta[name] = pt.as_tensor_variable(np.full(data.n_subjects, float(par.typical)))
                 continue
-            _, log_p = _typical_rv(name, par.prior)
+            if par.fixed:
+                log_p = pt.as_tensor_variable(np.log(float(par.typical)))
+            else:
+                _, log_p = _typical_rv(name, par.prior)
             log_i = pt.zeros(data.n_subjects) + log_p
-            if par.dose_level_tier and len(dl_labels) > 1:
+            if not par.fixed and par.dose_level_tier and len(dl_labels) > 1:
                 om_dl = pm.HalfNormal(f"omega_DL_{name}", sigma=0.3)
                 z_dl = pm.Normal(f"z_DL_{name}", 0.0, 1.0, dims="dose_level")
                 log_p_dl = log_p + om_dl * z_dl
                 pm.Deterministic(f"{name}_DL", pt.exp(log_p_dl), dims="dose_level")
                 log_i = log_p_dl[dl_index]
+            has_cov = any(c.parameter == name for c in spec.covariates)
             log_i = log_i + _covariate_terms(spec, data, name)
-            if par.bsv_estimate:
-                omega = pm.HalfNormal(f"omega_{name}", sigma=max(par.bsv_sd, 0.1))
+            if par.bsv_sd > 0:
+                # estimated omega, or OMEGA FIX at the file's sd: the eta stay in the model either way
+                if par.bsv_estimate:
+                    omega = pm.HalfNormal(f"omega_{name}", sigma=max(par.bsv_sd, 0.1))
+                else:
+                    omega = pt.as_tensor_variable(float(par.bsv_sd))
                 eta = pm.Normal(f"eta_{name}", 0.0, 1.0, dims="subject")
                 log_i = log_i + omega * eta
+            if par.bsv_sd > 0 or has_cov:
                 theta[name] = pm.Deterministic(f"{name}_i", pt.exp(log_i), dims="subject")
             else:
                 theta[name] = pt.exp(log_i)
@@ -231,15 +256,6 @@ def build_model(spec: ModelSpec, data: ObservationData, *, accuracy: str = "defa
         _likelihood(spec, data, car_pred, b_pred)
     model._carnk_grid = grid  # noqa: SLF001 - kept for predictions built on the same cohort
     return model
-
-
-def _log_spread(spec: ModelSpec, name: str) -> float:
-    """2.5 log-scale SDs of a parameter as a fit sees it (prior SD unless fixed, plus the BSV SD where
-    the fit estimates it): how far from the typical value the fixed integration grid must still
-    resolve."""
-    par = spec.parameters[name]
-    prior_sd = 0.0 if par.fixed else (par.prior or {}).get("sigma", 0.0)
-    return 2.5 * (prior_sd + (par.bsv_sd if par.bsv_estimate else 0.0))
 
 
 def normal_lcdf(z):
@@ -255,8 +271,9 @@ def normal_lcdf(z):
 
 def _likelihood(spec: ModelSpec, data: ObservationData, car_pred, b_pred) -> None:
     """Log-likelihood terms per DVID: densities of quantified records and, for BLQ records,
-    log P(Y < LLOQ) (M3). Written out rather than through ``pm.Censored`` so that the whole density
-    differentiates cleanly in JAX; each term is a named potential ``ll_<observation>_obs|_blq``."""
+    log P(Y < LLOQ) (M3). The prediction follows the DVID (CAR-NK for 1 and 3, B cells for 2), the
+    density the file's error model. Written out rather than through ``pm.Censored`` so that the whole
+    density differentiates cleanly in JAX; each term is a named potential ``ll_<observation>_obs|_blq``."""
     for dvid in sorted(set(data.dvid.tolist())):
         if dvid not in spec.observations:
             raise ValueError(
@@ -267,18 +284,19 @@ def _likelihood(spec: ModelSpec, data: ObservationData, car_pred, b_pred) -> Non
         sel = np.flatnonzero(data.dvid == dvid)
         blq = data.blq[sel] == 1
         quant, cens = sel[~blq], sel[blq]
+        pred = car_pred if dvid in CAR_DVIDS else b_pred
+        scale = 1.0
+        if obs_spec.conversion is not None:
+            scale = _scalar_rv(obs_spec.conversion.name, obs_spec.conversion)
+        m_q, m_c = pred[quant] * scale, pred[cens] * scale
+        y = data.dv[quant]
         if obs_spec.error == "lognormal":
             sigma = _scalar_rv(f"sigma_{label}", obs_spec.residual["log"])
-            scale = 1.0
-            if obs_spec.conversion is not None:
-                scale = _scalar_rv(obs_spec.conversion.name, obs_spec.conversion)
-            mu_q = pt.log(car_pred[quant] * scale + CAR_FLOOR)
-            mu_c = pt.log(car_pred[cens] * scale + CAR_FLOOR)
-            y = data.dv[quant]
             if np.any(y <= 0):
                 raise ValueError(
                     f"DVID {dvid} has quantified values <= 0; a log-normal error needs them > 0 or BLQ"
                 )
+            mu_q, mu_c = pt.log(m_q + CAR_FLOOR), pt.log(m_c + CAR_FLOOR)
             ll_q = (
                 -np.log(y) - pt.log(sigma) - 0.5 * np.log(2 * np.pi) - 0.5 * ((np.log(y) - mu_q) / sigma) ** 2
             )
@@ -286,10 +304,8 @@ def _likelihood(spec: ModelSpec, data: ObservationData, car_pred, b_pred) -> Non
         else:
             prop = _scalar_rv(f"sigma_{label}_prop", obs_spec.residual["prop"])
             add = _scalar_rv(f"sigma_{label}_add", obs_spec.residual["add"])
-            m_q, m_c = b_pred[quant], b_pred[cens]
             sd_q = pt.sqrt((prop * m_q) ** 2 + add**2)
             sd_c = pt.sqrt((prop * m_c) ** 2 + add**2)
-            y = data.dv[quant]
             ll_q = -pt.log(sd_q) - 0.5 * np.log(2 * np.pi) - 0.5 * ((y - m_q) / sd_q) ** 2
             ll_c = normal_lcdf((data.lloq[cens] - m_c) / sd_c)
         pm.Potential(f"ll_{label}_obs", ll_q)

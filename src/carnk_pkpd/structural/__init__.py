@@ -17,7 +17,7 @@ from carnk_pkpd.structural.metrics import metrics_from_paths
 
 Doses = Sequence[tuple[float, float]]
 
-__all__ = ["derived_metrics", "resolve_parameters", "simulate"]
+__all__ = ["derived_metrics", "resolve_ld", "resolve_parameters", "simulate"]
 
 
 def _spec(model: Any):
@@ -86,12 +86,29 @@ def _doses_per_subject(doses: Any, n: int) -> list[np.ndarray]:
     return per
 
 
+def resolve_ld(ld: Any, spec: Any, n: int) -> dict[str, np.ndarray]:
+    """Per-subject LD inputs of the solver: ``ld`` None (the file's ``simulation.ld_days`` at full
+    intensity), a number (that intensity, 0 = no LD), or a mapping of per-subject inputs
+    (``carnk.LD_KEYS``, as made by :func:`carnk.ld_inputs`)."""
+    from carnk_pkpd.structural.carnk import LD_KEYS, ld_inputs
+
+    if ld is None or np.ndim(ld) == 0 and not isinstance(ld, Mapping):
+        days = [float(x) for x in spec.simulation["ld_days"]] or [-5.0, -3.0]
+        scale = 1.0 if ld is None else float(ld)
+        return ld_inputs(
+            np.full(n, min(days)), np.full(n, max(days)), np.full(n, scale), spec.lymphodepletion
+        )
+    out = {k: np.broadcast_to(np.asarray(ld[k], float).reshape(-1), (n,)).copy() for k in LD_KEYS}
+    return out
+
+
 def simulate(
     params: Mapping[str, Any] | None,
     doses: Doses | Sequence[Doses],
-    times: Sequence[float] | np.ndarray,
+    times: Sequence[float] | np.ndarray | Sequence[Sequence[float]],
     model: Any = None,
     accuracy: str = "default",
+    ld: Any = None,
 ) -> xr.Dataset:
     """CAR-NK and B cells over time.
 
@@ -103,25 +120,28 @@ def simulate(
     doses
         ``(time_day, amount_1e9_cells)`` infusions, or one such sequence per subject.
     times
-        Output times in days since the first infusion.
+        Output times in days since the first infusion (one vector for all subjects).
     model
         A :class:`~carnk_pkpd.spec.ModelSpec`, a model name or path; default ``"reference"``.
     accuracy
         ``"default"`` (|error| ≤ 1e-3·|B| + 1e-3 cells/µL) or ``"tight"`` (1e-6·|B| + 1e-8).
+    ld
+        Lymphodepletion: None (the file's LD days at full intensity), an intensity (0 = none) or
+        per-subject LD inputs (:func:`resolve_ld`).
 
     Returns
     -------
     xarray.Dataset with ``car`` and ``bcell`` (cells/µL) on ``time`` (days).
     """
-    from carnk_pkpd.structural.solve import make_grid, solve
+    from carnk_pkpd.structural.solve import make_grid, rate_bounds, solve
 
     spec = _spec(model)
     theta, n_transit, n_sub = resolve_parameters(params, spec)
     n = 1 if n_sub is None else n_sub
     t = np.asarray(times, float).ravel()
     per = _doses_per_subject(doses, n)
-    k_tr = n_transit / theta["MTT"]
-    grid = make_grid(per, [t] * n, accuracy, k_tr=k_tr, k_kill=np.asarray(theta["k_kmax"], float))
+    k_tr, k_kill = rate_bounds(spec, theta, n_transit)
+    grid = make_grid(per, [t] * n, accuracy, k_tr=k_tr, k_kill=k_kill, ld=resolve_ld(ld, spec, n))
     car, bcell = solve(theta, grid, n_transit=n_transit, structure=spec.structure)
     car, bcell = np.asarray(car)[:, : t.size], np.asarray(bcell)[:, : t.size]
     dims = ("subject", "time")
@@ -153,6 +173,8 @@ def derived_metrics(
     horizon: float = 365.0,
     resolution: float = 0.25,
     accuracy: str = "default",
+    ld: Any = None,
+    car_resolution: float = 0.01,
 ) -> xr.Dataset:
     """Exposure and B-cell metrics per subject.
 
@@ -161,7 +183,9 @@ def derived_metrics(
     ``reappearance_day`` / ``reconstitution_day``: first t > 0 with B ≥ threshold after B was below it
     at some t ≥ 0 (NaN if never); ``DA``: days with B < ``aplasia_threshold`` in ``aplasia_window``.
     B is solved on nodes every ``resolution`` days and crossings are interpolated log-linearly;
-    CAR-NK uses its closed form on a 0.01-day grid.
+    CAR-NK uses its closed form on a ``car_resolution``-day grid (0.01). ``ld`` as in :func:`simulate`.
+    "Never happens" is NaN. This is the one implementation of the metrics: the population simulator
+    (:func:`carnk_pkpd.simulate_population`) calls it.
     """
     from carnk_pkpd.structural.carnk import car_closed_form
 
@@ -169,16 +193,26 @@ def derived_metrics(
     theta, n_transit, n_sub = resolve_parameters(params, spec)
     n = 1 if n_sub is None else n_sub
     per = _doses_per_subject(doses, n)
+    ld_in = resolve_ld(ld, spec, n)
     t_b = np.arange(0.0, horizon + 0.5 * resolution, resolution)
-    ds = simulate({**{k: v for k, v in theta.items()}, "n_transit": n_transit}, per, t_b, spec, accuracy)
+    ds = simulate(
+        {**{k: v for k, v in theta.items()}, "n_transit": np.full(n, n_transit)},
+        per,
+        t_b,
+        spec,
+        accuracy,
+        ld_in,
+    )
     b = np.atleast_2d(ds["bcell"].values)
-    t_c = np.arange(car_window[0], car_window[1] + 0.005, 0.01)
+    t_c = np.arange(car_window[0], car_window[1] + 0.5 * car_resolution, car_resolution)
     dmax = max(len(d) for d in per)
     dt_ = np.zeros((n, max(dmax, 1)))
     da_ = np.zeros((n, max(dmax, 1)))
     for i, d in enumerate(per):
         dt_[i, : len(d)], da_[i, : len(d)] = d[:, 0], d[:, 1]
-    car = np.asarray(car_closed_form(theta, dt_, da_, np.broadcast_to(t_c, (n, t_c.size)), spec.structure))
+    car = np.asarray(
+        car_closed_form(theta, dt_, da_, np.broadcast_to(t_c, (n, t_c.size)), spec.structure, ld=ld_in)
+    )
     out = metrics_from_paths(
         t_b,
         b,

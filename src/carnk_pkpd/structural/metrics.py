@@ -28,20 +28,21 @@ def return_day(t: np.ndarray, b: np.ndarray, threshold: float) -> np.ndarray:
     """First t > 0 with B ≥ threshold after B was below it at some t ≥ 0; NaN if never.
 
     ``t`` (days, shape (n_t,), starting at or after 0) and ``b`` (cells/µL, shape (S, n_t)).
+    Vectorised over subjects.
     """
+    b = np.asarray(b, float)
+    t = np.asarray(t, float)
     below = b < threshold
-    out = np.full(b.shape[0], np.nan)
-    for s in range(b.shape[0]):
-        idx = np.flatnonzero(below[s])
-        if idx.size == 0:
-            continue
-        first_below = idx[0]
-        above_after = np.flatnonzero(~below[s, first_below:])
-        if above_after.size == 0:
-            continue
-        j = first_below + above_after[0]
-        out[s] = _crossing(t[j - 1], t[j], b[s, j - 1], b[s, j], threshold)
-    return out
+    any_below = below.any(axis=1)
+    first = np.argmax(below, axis=1)
+    after = ~below & (np.arange(b.shape[1])[None, :] > first[:, None])
+    back = any_below & after.any(axis=1)
+    j = np.where(back, np.argmax(after, axis=1), 1)
+    rows = np.arange(b.shape[0])
+    if b.shape[1] < 2:
+        return np.full(b.shape[0], np.nan)
+    tc = _crossing(t[j - 1], t[j], b[rows, j - 1], b[rows, j], threshold)
+    return np.where(back, tc, np.nan)
 
 
 def time_below(t: np.ndarray, b: np.ndarray, threshold: float, window: tuple[float, float]) -> np.ndarray:

@@ -34,8 +34,9 @@ Why this method (measured; see ``benchmarks/bench_solver.py``)
   compiled once per cohort; nutpie's JAX backend calls it without leaving XLA.
 
 The grid is data, not a parameter: it is built once per cohort from the infusion and sample times
-(``make_grid``), always has a node at t = −5, −3, each infusion and each requested time, so every
-output is a node value (no interpolation) and no step straddles a discontinuity of ``N`` or ``k_LD``.
+(``make_grid``), always has a node at each subject's first and last LD day, each infusion and each
+requested time, so every output is a node value (no interpolation) and no step straddles a
+discontinuity of ``N`` or ``k_LD``. The LD window is data too (per subject, in the grid).
 """
 
 from __future__ import annotations
@@ -51,9 +52,7 @@ import numpy as np
 jax.config.update("jax_enable_x64", True)
 import jax.numpy as jnp  # noqa: E402
 
-from carnk_pkpd.structural.carnk import car_closed_form, ld_cumulative  # noqa: E402
-
-LD_START, LD_END = -5.0, -3.0
+from carnk_pkpd.structural.carnk import LD_KEYS, car_closed_form, ld_cumulative, trial_ld  # noqa: E402
 
 # --- Gauss–Legendre collocation tables (3 nodes, order 6) ------------------------------------------
 GL_C = np.array([0.5 - np.sqrt(15.0) / 10.0, 0.5, 0.5 + np.sqrt(15.0) / 10.0])
@@ -116,6 +115,45 @@ def _fitted_weights_jvp(primals, tangents):
 
 
 # --- grids --------------------------------------------------------------------------------------------
+RATE_BOUND_SDS = 2.5  # log-scale SDs above the typical value that the solver grid must still resolve
+
+
+def rate_bounds(spec, theta: Mapping[str, np.ndarray] | None = None, n_transit: int | None = None) -> tuple:
+    """The fastest transit rate n/MTT and maximal kill rate k_kmax (1/day) the solver grid must resolve.
+
+    One rule for fits, predictions, simulations and the dose search: the typical value moved
+    ``RATE_BOUND_SDS`` (2.5) log-scale SDs up, the SD being the prior's (0 when fixed) plus the BSV's
+    (``bsv.sd``, estimated or fixed). Without ``theta`` two floats that depend on the model file only
+    (a fit's grid serves every draw; every subject of a regimen shares one grid). With per-subject
+    values ``theta`` (``MTT``, ``k_kmax`` arrays) the bound is raised to a subject's own rate where
+    that is faster, so an extreme subject is still resolved; each subject's grid then depends on its
+    own parameters only (not on which subjects are solved together). ``n_transit``: the chain length
+    the subjects are solved with, when it differs from the file's.
+    """
+    k_tr, k_kill = _spec_rate_bounds(spec)
+    if theta is None:
+        return k_tr, k_kill
+    if n_transit is None:
+        n_transit = int(round(spec.parameters["n_transit"].typical))
+    return (
+        np.maximum(k_tr, n_transit / np.asarray(theta["MTT"], float)),
+        np.maximum(k_kill, np.asarray(theta["k_kmax"], float)),
+    )
+
+
+def _spec_rate_bounds(spec) -> tuple[float, float]:
+    n_transit = int(round(spec.parameters["n_transit"].typical))
+
+    def spread(name: str) -> float:
+        par = spec.parameters[name]
+        prior_sd = 0.0 if par.fixed else float((par.prior or {}).get("sigma", 0.0))
+        return RATE_BOUND_SDS * (prior_sd + float(par.bsv_sd))
+
+    k_tr = n_transit / spec.parameters["MTT"].typical * np.exp(spread("MTT"))
+    k_kill = spec.parameters["k_kmax"].typical * np.exp(spread("k_kmax"))
+    return float(k_tr), float(k_kill)
+
+
 ACCURACY = {
     # h_dose: step in the first dose_days after each infusion (N jumps and expands there);
     # h_active: step from −5 to the last infusion + active_days (CAR-NK may still kill);
@@ -160,7 +198,9 @@ class Grid:
 
     ``nodes[s]`` are the node times (days; trailing repeats are zero-length steps);
     ``out_index[s, k]`` is the node holding requested time ``times[s, k]``; ``mask`` marks real
-    requested times; ``dose_times``/``dose_amounts`` hold infusions (days, 10⁹ cells; amount 0 pads).
+    requested times; ``dose_times``/``dose_amounts`` hold infusions (days, 10⁹ cells; amount 0 pads);
+    ``ld`` the per-subject lymphodepletion inputs (``carnk.LD_KEYS``, arrays of shape (subject,);
+    None: the trial's window, days −5..−3 at full intensity).
     """
 
     nodes: np.ndarray
@@ -170,6 +210,7 @@ class Grid:
     dose_times: np.ndarray
     dose_amounts: np.ndarray
     sweeps: int
+    ld: dict[str, np.ndarray] | None = None
 
     @property
     def n_subjects(self) -> int:
@@ -182,7 +223,10 @@ def _subject_nodes(
     cfg: Mapping[str, float],
     k_tr: float | None,
     k_kill: float | None = None,
+    ld_start: float = -5.0,
+    ld_end: float = -3.0,
 ) -> np.ndarray:
+    LD_START, LD_END = ld_start, ld_end  # noqa: N806 - the subject's LD window (days)
     t_first = min(LD_START, float(times.min()) if times.size else LD_START)
     t_end = max(float(times.max()) if times.size else 0.0, 0.0)
     last_dose = float(doses[:, 0].max()) if len(doses) else 0.0
@@ -219,6 +263,7 @@ def make_grid(
     k_tr: float | Sequence[float] | np.ndarray | None = None,
     bucket: int = NODE_BUCKET,
     k_kill: float | Sequence[float] | np.ndarray | None = None,
+    ld: Mapping[str, np.ndarray] | None = None,
 ) -> Grid:
     """Build the node grid for a batch of subjects.
 
@@ -236,6 +281,9 @@ def make_grid(
     k_kill
         Largest maximal kill rate k_kmax (1/day) to resolve, per subject or one for all; caps the
         active step at ``kill_steps / k_kill``.
+    ld
+        Per-subject lymphodepletion inputs (``carnk.ld_inputs``); None: the trial's window
+        (days −5..−3, full intensity) for every subject.
     bucket
         Pad the node count to a multiple of this, so that repeated calls compile few shapes; a grid
         that is compiled once (a fit) uses 1.
@@ -247,12 +295,23 @@ def make_grid(
     dose_arr = [np.asarray(d, float).reshape(-1, 2) for d in doses]
     k_trs = np.broadcast_to(np.asarray(np.nan if k_tr is None else k_tr, float), (len(dose_arr),))
     k_kills = np.broadcast_to(np.asarray(np.nan if k_kill is None else k_kill, float), (len(dose_arr),))
-    for d, t, ktr, kk in zip(dose_arr, times, k_trs, k_kills, strict=True):
+    n_sub = len(dose_arr)
+    ld_arr = trial_ld(n_sub) if ld is None else {k: np.asarray(ld[k], float).reshape(-1) for k in LD_KEYS}
+    for k, v in ld_arr.items():
+        if v.size != n_sub:
+            raise ValueError(f"ld[{k!r}] has {v.size} values for {n_sub} subjects")
+    for s_i, (d, t, ktr, kk) in enumerate(zip(dose_arr, times, k_trs, k_kills, strict=True)):
         t = np.asarray(t, float).ravel()
         if not np.all(np.isfinite(t)):
             raise ValueError("requested times must be finite")
         nodes = _subject_nodes(
-            d, t, cfg, None if np.isnan(ktr) else float(ktr), None if np.isnan(kk) else float(kk)
+            d,
+            t,
+            cfg,
+            None if np.isnan(ktr) else float(ktr),
+            None if np.isnan(kk) else float(kk),
+            float(ld_arr["start"][s_i]),
+            float(ld_arr["end"][s_i]),
         )
         idx = np.searchsorted(nodes, t)
         idx = np.clip(idx, 0, len(nodes) - 1)
@@ -286,11 +345,11 @@ def make_grid(
         nd = len(dose_arr[s])
         dose_times[s, :nd] = dose_arr[s][:, 0]
         dose_amounts[s, :nd] = dose_arr[s][:, 1]
-    return Grid(nodes, out_index, out_times, mask, dose_times, dose_amounts, int(cfg["sweeps"]))
+    return Grid(nodes, out_index, out_times, mask, dose_times, dose_amounts, int(cfg["sweeps"]), ld_arr)
 
 
 # --- the step -----------------------------------------------------------------------------------------
-def _step_coefficients(th, nodes, dose_times, dose_amounts, n_transit, structure):
+def _step_coefficients(th, nodes, dose_times, dose_amounts, n_transit, structure, ld):
     """Everything on every step that does not depend on the state, in bulk over (subject, step).
 
     Shapes: ``h`` (S, M); node arrays (S, M, 3); weights (S, M, 4, 3); end factors (S, M).
@@ -300,15 +359,15 @@ def _step_coefficients(th, nodes, dose_times, dose_amounts, n_transit, structure
     gl_c = jnp.asarray(GL_C)
     s = t0[..., None] + h[..., None] * gl_c  # [S, M, 3]
     S, M = h.shape
-    N = car_closed_form(th, dose_times, dose_amounts, s.reshape(S, M * 3), structure=structure).reshape(
-        S, M, 3
-    )
+    N = car_closed_form(
+        th, dose_times, dose_amounts, s.reshape(S, M * 3), structure=structure, ld=ld
+    ).reshape(S, M, 3)
     K = th["k_kmax"][:, None, None] * N / (N + th["EC50"][:, None, None])
     psi_k = h[..., None] * (K @ jnp.asarray(GL_A).T)
     psi_k_end = h * (K @ jnp.asarray(GL_B))
-    ld0 = ld_cumulative(th, t0)
-    psi_ld = ld_cumulative(th, s.reshape(S, M * 3)).reshape(S, M, 3) - ld0[..., None]
-    psi_ld_end = ld_cumulative(th, t1) - ld0
+    ld0 = ld_cumulative(th, t0, ld)
+    psi_ld = ld_cumulative(th, s.reshape(S, M * 3), ld).reshape(S, M, 3) - ld0[..., None]
+    psi_ld_end = ld_cumulative(th, t1, ld) - ld0
     k_tr = (n_transit / th["MTT"])[:, None]
     k_B, f_BM = th["k_B"][:, None], th["f_BM"][:, None]
     dt = h[..., None] * gl_c
@@ -358,6 +417,7 @@ def solve_nodes(
     sweeps: int = 2,
     structure: str = "reference",
     steps: tuple | None = None,
+    ld: Mapping[str, jnp.ndarray] | None = None,
 ):
     """B cells (cells/µL) at every node, shape ``(subject, n_nodes)``.
 
@@ -365,13 +425,17 @@ def solve_nodes(
     ``models/reference.toml``). ``nodes`` are node times (days) of shape ``(subject, n_nodes)``.
     ``steps`` (from :func:`real_steps`) lists the steps of non-zero length; when given, the
     state-independent coefficients are computed for those steps only and the zero-length padding
-    steps of shorter subjects share one no-op step.
+    steps of shorter subjects share one no-op step. ``ld`` holds the per-subject lymphodepletion
+    inputs (``carnk.LD_KEYS``, shape ``(subject,)``); None: the trial's window for every subject.
     """
     th = {k: jnp.asarray(v, dtype=jnp.float64) for k, v in theta.items()}
     nodes = jnp.asarray(nodes, dtype=jnp.float64)
+    n_sub = nodes.shape[0]
+    ld = trial_ld(n_sub) if ld is None else ld
+    ld = {k: jnp.broadcast_to(jnp.asarray(ld[k], dtype=jnp.float64), (n_sub,)) for k in LD_KEYS}
     dose_times, dose_amounts = jnp.asarray(dose_times), jnp.asarray(dose_amounts)
     if steps is None:
-        co = _step_coefficients(th, nodes, dose_times, dose_amounts, n_transit, structure)
+        co = _step_coefficients(th, nodes, dose_times, dose_amounts, n_transit, structure, ld)
     else:
         subject, t0, t1, layout = (jnp.asarray(a) for a in steps)
         flat = _step_coefficients(
@@ -381,6 +445,7 @@ def solve_nodes(
             dose_amounts[subject],
             n_transit,
             structure,
+            {k: v[subject] for k, v in ld.items()},
         )
         co = {k: v[:, 0][layout] for k, v in flat.items()}
     k_tr = n_transit / th["MTT"]
@@ -455,9 +520,11 @@ def solve(
         sweeps=grid.sweeps,
         structure=structure,
         steps=real_steps(grid.nodes) if compact else None,
+        ld=grid.ld,
     )
     bcell = jnp.take_along_axis(b_nodes, jnp.asarray(grid.out_index), axis=1)
+    ld = grid.ld if grid.ld is not None else trial_ld(grid.n_subjects)
     car = car_closed_form(
-        theta, grid.dose_times, grid.dose_amounts, jnp.asarray(grid.times), structure=structure
+        theta, grid.dose_times, grid.dose_amounts, jnp.asarray(grid.times), structure=structure, ld=ld
     )
     return car, bcell
