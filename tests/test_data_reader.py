@@ -249,6 +249,14 @@ def test_subject_with_infusions_but_no_observations_warns(tmp_path):
     assert cohort.ids == ["1", "2", "3"]
 
 
+def test_infused_subject_without_lymphodepletion_rows_warns(tmp_path):
+    # an infusion and a B-cell sample but no EVID=2 row: the subject is modelled without LD, and says so
+    text = with_subject([["3", "0", "1", "1.5", ".", ".", "1", "0", ".", "2", "50", "1", "60"],
+                         ["3", "7", "0", ".", "2", "150", "0", "0", "1", "2", "50", "1", "60"]])  # fmt: skip
+    with pytest.warns(CohortWarning, match=r"subject 3 has no lymphodepletion record \(EVID=2\)"):
+        read_cohort(write(tmp_path, text))
+
+
 def test_subject_without_infusions_warns(tmp_path):
     text = with_subject([["3", "-2", "0", "0", "2", "150", "0", "0", "1", "2", "50", "1", "60"]])
     with pytest.warns(CohortWarning, match="subject 3 has no CAR-NK infusion"):

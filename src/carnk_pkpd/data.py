@@ -1339,10 +1339,12 @@ class _Checker:
         for i, sid in enumerate(ids):
             if sid not in info:
                 order.append(sid)
-                info[sid] = {"doses": 0, "obs": 0, "early": []}
+                info[sid] = {"doses": 0, "obs": 0, "early": [], "ld": 0}
             s = info[sid]
             if evid[i] == 1:
                 s["doses"] += 1
+            elif evid[i] == 2:
+                s["ld"] += 1
             elif evid[i] == 0 and mdv[i] == 0:
                 s["obs"] += 1
                 if s["doses"] == 0 and dvid[i] in _CAR_DVIDS:
@@ -1356,6 +1358,11 @@ class _Checker:
             else:
                 if s["obs"] == 0:
                     self.notes.append(f"subject {sid} has infusions but no observations yet")
+                if s["ld"] == 0:
+                    self.notes.append(
+                        f"subject {sid} has no lymphodepletion record (EVID=2); it is modelled as infused "
+                        "without lymphodepletion (no LD kill, no IL-15 surge)"
+                    )
                 if s["early"]:
                     rows = ", ".join(str(r) for r in s["early"][:5]) + (
                         ", ..." if len(s["early"]) > 5 else ""
