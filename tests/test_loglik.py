@@ -131,3 +131,12 @@ def test_fit_without_the_group_is_reported(small_fit):
     del tree["log_likelihood"]
     with pytest.raises(ValueError, match="no log_likelihood group"):
         joint_log_likelihood(tree)
+
+
+def test_non_finite_values_warn_instead_of_losing_the_fit(small_fit):
+    post = small_fit.posterior.isel(chain=[0], draw=[0, 1])
+    post["z_sigma_car_flow"] = post["z_sigma_car_flow"] * 0 - 1e4  # residual SD exp(-3000) = 0
+    with pytest.warns(UserWarning, match="non-finite pointwise log-likelihood"):
+        ll = pointwise_log_likelihood(small_fit.spec, observation_data(small_fit.cohort), post)
+    assert not np.all(np.isfinite(ll["car_flow"].values))
+    assert np.all(np.isfinite(ll["bcell_flow"].values))

@@ -22,6 +22,7 @@ a leave-one-record-out over all records (what :mod:`carnk_pkpd.compare` uses).
 
 from __future__ import annotations
 
+import warnings
 from typing import Any
 
 import numpy as np
@@ -114,9 +115,11 @@ def pointwise_log_likelihood(
         out = vfn(*args)
         chunks.append([np.asarray(o)[: stop - start] for o in out])
     values = {t: np.concatenate([c[k] for c in chunks], axis=0) for k, t in enumerate(term_names)}
-    if any(not np.all(np.isfinite(v)) for v in values.values()):
-        bad = [t for t, v in values.items() if not np.all(np.isfinite(v))]
-        raise FloatingPointError(f"non-finite log-likelihood in {bad}")
+    bad = [t for t, v in values.items() if not np.all(np.isfinite(v))]
+    if bad:  # kept as they are (a fit is not thrown away for it), but said: PSIS-LOO cannot use them
+        warnings.warn(
+            f"non-finite pointwise log-likelihood in {bad}; LOO will fail on this fit", stacklevel=2
+        )
 
     ds = {}
     coords = {"chain": posterior["chain"].values, "draw": posterior["draw"].values}
