@@ -17,11 +17,31 @@ from typer.testing import CliRunner
 
 from carnk_pkpd.atomic import MARKER
 from carnk_pkpd.cli import app
-from carnk_pkpd.export import FORMATS, cv_percent, eta_shrinkage, parameter_table, sdtab, write_export
+from carnk_pkpd.export import (
+    FORMATS,
+    cv_percent,
+    epsilon_shrinkage,
+    eta_shrinkage,
+    ext_table,
+    parameter_table,
+    sdtab,
+    write_export,
+)
 
 N_DRAWS = 20
 CHROMIUM = Path("/usr/bin/chromium")
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+def _max_significant_digits(text: str) -> int:
+    """Most significant digits of any non-integer number in ``text`` (leading/trailing zeros not counted)."""
+    most = 0
+    for tok in re.findall(r"\d+\.?\d*(?:[eE][+-]?\d+)?", text):
+        if "." not in tok and "e" not in tok.lower():
+            continue  # integers (IDs, ITERATION) are exact
+        mantissa = re.split(r"[eE]", tok)[0].replace(".", "").strip("0")
+        most = max(most, len(mantissa))
+    return most
 
 
 @pytest.fixture(scope="module")
@@ -47,24 +67,82 @@ def test_parameter_table_labels_and_cv(fit_copy):
     theta = df[df["kind"] == "THETA"]
     assert list(theta["label"]) == [f"THETA({k})" for k in range(1, len(theta) + 1)]
     assert theta["name"].iloc[0] == next(iter(fit_copy.spec.parameters))
+    assert "copies_per_cell" not in set(theta["name"])  # no qPCR records in the example cohort
     omega = df[df["kind"] == "OMEGA"]
     assert len(omega) > 0
     assert list(omega["label"]) == [f"OMEGA({k},{k})" for k in range(1, len(omega) + 1)]
     sigma = df[df["kind"] == "SIGMA"]
     assert list(sigma["label"]) == [f"SIGMA({k},{k})" for k in range(1, len(sigma) + 1)]
-    assert "sigma_car_flow" in set(sigma["name"])
-    for _, row in omega.iterrows():
+    assert list(sigma["name"]) == ["sigma_car_flow", "sigma_bcell_flow_prop", "sigma_bcell_flow_add"]
+    for _, row in pd.concat([omega, sigma[~sigma["fixed"]]]).iterrows():
         x = post[row["name"]].values.ravel()
         med = np.median(x)
-        assert row["median"] == pytest.approx(med)
-        assert row["cv_pct"] == pytest.approx(100.0 * np.sqrt(np.exp(med**2) - 1.0))
-        assert row["rse_pct"] == pytest.approx(100.0 * np.std(x, ddof=1) / np.mean(x))
+        # NONMEM convention: OMEGA(k,k) and SIGMA(k,k) are variances; the SD has its own column
+        assert row["median"] == pytest.approx(med**2, rel=1e-12)
+        assert row["stdev"] == pytest.approx(med, rel=1e-12)
+        assert row["q05"] == pytest.approx(np.quantile(x, 0.05) ** 2, rel=1e-12)
+        assert row["mean"] == pytest.approx(np.mean(x**2))
+        assert row["rse_pct"] == pytest.approx(100.0 * np.std(x**2, ddof=1) / np.mean(x**2))
+        if row["kind"] == "OMEGA" or row["name"] == "sigma_car_flow":
+            assert row["cv_pct"] == pytest.approx(100.0 * np.sqrt(np.exp(med**2) - 1.0))
+    first = omega.iloc[0]
+    assert first["label"] == "OMEGA(1,1)" and first["name"] == "omega_f_bl"
+    assert first["median"] == pytest.approx(np.median(post["omega_f_bl"].values) ** 2, rel=1e-12)
+    prop = sigma.set_index("name").loc["sigma_bcell_flow_prop"]
+    assert prop["cv_pct"] == pytest.approx(100.0 * prop["stdev"])
+    add = sigma.set_index("name").loc["sigma_bcell_flow_add"]  # fixed in the model file: FIX, variance 0.5²
+    assert add["fixed"] and add["prior"] == "FIX"
+    assert add["median"] == pytest.approx(0.25) and add["stdev"] == pytest.approx(0.5)
     assert cv_percent(0.3) == pytest.approx(100 * np.sqrt(np.exp(0.09) - 1))
     free = theta[~theta["fixed"]]
     assert (free["q025"] <= free["q05"]).all() and (free["q05"] <= free["median"]).all()
     assert (free["median"] <= free["q95"]).all() and (free["q95"] <= free["q975"]).all()
     assert free["prior"].str.len().gt(0).all()
     assert theta[theta["fixed"]]["prior"].eq("FIX").all()
+
+
+def test_iwres_and_epsilon_shrinkage(fit_copy):
+    sd = sdtab(fit_copy, N_DRAWS, seed=2)
+    post = fit_copy.posterior
+    obs = sd[(sd["EVID"] == 0) & (sd["BLQ"] == 0)]
+    car, b = obs[obs["DVID"] == 1], obs[obs["DVID"] == 2]
+    s_car = np.median(post["sigma_car_flow"].values)
+    prop = np.median(post["sigma_bcell_flow_prop"].values)
+    np.testing.assert_allclose(car["IWRES"], np.log(car["DV"] / car["IPRED"]) / s_car, rtol=1e-12)
+    np.testing.assert_allclose(
+        b["IWRES"], (b["DV"] - b["IPRED"]) / np.hypot(prop * b["IPRED"], 0.5), rtol=1e-12
+    )
+    assert sd.loc[sd["BLQ"] == 1, "IWRES"].isna().all()
+    eps = epsilon_shrinkage(sd, fit_copy.spec)
+    assert eps["car_flow"] == pytest.approx(1.0 - np.std(car["IWRES"], ddof=1))
+    assert eps["bcell_flow"] == pytest.approx(1.0 - np.std(b["IWRES"], ddof=1))
+    par = parameter_table(fit_copy, sdtab_df=sd).set_index("name")
+    assert par.loc["sigma_car_flow", "shrinkage_pct"] == pytest.approx(100.0 * eps["car_flow"])
+    # hand-built: IWRES with SD 0.25 -> 75% shrinkage
+    hand = pd.DataFrame({"EVID": 0, "DVID": 1, "BLQ": [0, 0, 0, 1], "IWRES": [-0.25, 0.0, 0.25, np.nan]})
+    assert epsilon_shrinkage(hand, fit_copy.spec)["car_flow"] == pytest.approx(0.75)
+
+
+def test_ext_table_holds_draws_of_theta_sigma_omega(fit_copy):
+    ext = ext_table(fit_copy)
+    post = fit_copy.posterior
+    n = post.sizes["chain"] * post.sizes["draw"]
+    draws, summary = ext.iloc[:n], ext.iloc[n:].set_index("ITERATION")
+    assert list(summary.index) == [-1000000000, -1000000001, -1000000006]
+    assert list(ext.columns[:3]) == ["ITERATION", "CHAIN", "THETA1"] and ext.columns[-1] == "OBJ"
+    sig = [c for c in ext.columns if c.startswith("SIGMA")]
+    om = [c for c in ext.columns if c.startswith("OMEGA")]
+    assert ext.columns.get_loc(sig[0]) < ext.columns.get_loc(om[0])  # NONMEM order: THETA, SIGMA, OMEGA
+    np.testing.assert_allclose(draws["OMEGA(1,1)"], post["omega_f_bl"].values.ravel() ** 2)
+    np.testing.assert_allclose(draws["THETA1"], post["f_bl"].values.ravel())
+    np.testing.assert_array_equal(draws["CHAIN"], np.repeat([1, 2], post.sizes["draw"]))
+    ll = fit_copy.idata["log_likelihood"].to_dataset()
+    obj = -2.0 * sum(ll[v].values.reshape(n, -1).sum(axis=1) for v in ll.data_vars)
+    np.testing.assert_allclose(draws["OBJ"], obj)
+    fixed = summary.loc[-1000000006]
+    assert fixed["THETA10"] == 1 and fixed["SIGMA(3,3)"] == 1 and fixed["THETA1"] == 0  # n_transit, add. SD
+    assert (draws["THETA10"] == 6).all()
+    assert summary.loc[-1000000000, "OMEGA(1,1)"] == pytest.approx(np.median(post["omega_f_bl"].values) ** 2)
 
 
 def test_shrinkage_on_hand_built_posterior():
@@ -87,13 +165,49 @@ def test_shrinkage_on_hand_built_posterior():
 
 def test_sdtab_columns_and_rows(fit_copy):
     sd = sdtab(fit_copy, N_DRAWS, seed=2)
-    assert list(sd.columns) == ["ID", "TIME", "DVID", "DV", "BLQ", "LLOQ", "PRED", "IPRED", "NPDE"]
+    base = [
+        "ID",
+        "TIME",
+        "EVID",
+        "MDV",
+        "AMT",
+        "DVID",
+        "DV",
+        "BLQ",
+        "LLOQ",
+        "PRED",
+        "IPRED",
+        "IWRES",
+        "PDE_FITTED",
+    ]
+    assert list(sd.columns) == base + ["ETA1", "ETA2", "ETA3", "ETA4"]
+    assert sd.attrs["eta_names"] == {"ETA1": "f_bl", "ETA2": "k_rej", "ETA3": "B0", "ETA4": "MTT"}
+    assert any("ETA1=f_bl" in c for c in sd.attrs["comments"])
     records = fit_copy.idata["constant_data"].to_dataset()
-    assert len(sd) == records.sizes["record"]
-    np.testing.assert_allclose(sd["TIME"], records["TIME"].values)
-    np.testing.assert_array_equal(sd["DVID"], records["DVID"].values)
-    assert np.isfinite(sd[["PRED", "IPRED", "NPDE"]].to_numpy()).all()
-    assert (sd["IPRED"] > 0).all()
+    obs = sd[sd["EVID"] == 0]
+    assert len(obs) == records.sizes["record"] and (obs["MDV"] == 0).all() and (obs["AMT"] == 0).all()
+    key = ["ID", "TIME", "DVID"]
+    rec = pd.DataFrame({k: records[k].values for k in ("ID", "TIME", "DVID", "DV")})
+    both = obs.merge(rec, on=key, suffixes=("", "_rec"))
+    assert len(both) == len(obs)
+    np.testing.assert_allclose(both["DV"], both["DV_rec"])
+    assert np.isfinite(obs[["PRED", "IPRED", "PDE_FITTED"]].to_numpy()).all()
+    assert (obs["IPRED"] > 0).all()
+    # dosing and lymphodepletion rows, in the cohort's order
+    df = fit_copy.cohort.to_dataframe()
+    doses = sd[sd["EVID"] != 0]
+    expected = df[df["EVID"].isin([1, 2])]
+    assert len(doses) == len(expected) and (doses["MDV"] == 1).all()
+    np.testing.assert_allclose(doses["AMT"], expected["AMT"].fillna(0.0))
+    assert doses[["DV", "PRED", "IPRED", "IWRES", "PDE_FITTED"]].isna().all().all()
+    for sid, g in sd.groupby("ID", sort=False):
+        assert g["TIME"].is_monotonic_increasing, sid
+    # ETAj: posterior mean of omega_p * eta_p,i, constant within a subject
+    post = fit_copy.posterior
+    eta1 = (post["omega_f_bl"] * post["eta_f_bl"]).mean(("chain", "draw")).values
+    first = sd.groupby("ID", sort=False)["ETA1"].agg(["first", "nunique"])
+    np.testing.assert_allclose(first["first"], eta1)
+    assert (first["nunique"] == 1).all()
 
 
 def test_posterior_predictive_shapes(fit_copy):
@@ -114,9 +228,18 @@ def test_each_format_readable(fit_copy, tmp_path, fmt):
     assert not leftovers  # no temporary files left; only the marker of the folder's owner
     names = {p.name for p in paths}
     if fmt == "csv":
-        assert names == {"parameters.csv", "subjects.csv", "sdtab.csv"}
+        assert names == {"parameters.csv", "subjects.csv", "sdtab.csv", "ext.csv"}
         par = pd.read_csv(tmp_path / fmt / "parameters.csv", comment="#")
         assert par["label"].str.match(r"^(THETA|OMEGA|SIGMA)\(").any()
+        text = (tmp_path / fmt / "sdtab.csv").read_text(encoding="utf-8")
+        assert re.search(r"^# ETA columns .*ETA1=f_bl", text, re.M)
+        sdt = pd.read_csv(tmp_path / fmt / "sdtab.csv", comment="#")
+        assert {"EVID", "MDV", "AMT", "IWRES", "PDE_FITTED", "ETA1"} <= set(sdt.columns) and "NPDE" not in sdt
+        for f in ("parameters.csv", "sdtab.csv", "ext.csv"):  # 6 significant digits, not 17
+            body = (tmp_path / fmt / f).read_text(encoding="utf-8")
+            assert _max_significant_digits(body) <= 6, f
+        ext = pd.read_csv(tmp_path / fmt / "ext.csv", comment="#")
+        assert "OMEGA(1,1)" in ext.columns and (ext["ITERATION"] == -1000000006).sum() == 1
         subj = pd.read_csv(tmp_path / fmt / "subjects.csv", comment="#")
         assert {"DA", "b_nadir", "reconstitution_day", "car_cmax", "car_auc_0_28"} <= set(subj["quantity"])
     elif fmt == "json":

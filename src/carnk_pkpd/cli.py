@@ -825,6 +825,49 @@ def report_cmd(
     typer.echo(f"wrote {path}")
 
 
+# --- compare -----------------------------------------------------------------------------------------
+
+
+_COMPARE_FITS = typer.Argument(..., metavar="FIT FIT...", help="Two or more fit folders (same data).")
+
+
+@app.command("compare")
+def compare_cmd(
+    fit_dirs: list[str] = _COMPARE_FITS,
+    out: str | None = typer.Option(None, "--out", help="Folder to create for compare.csv (must not exist)."),
+) -> None:
+    """Rank fits of the same data by PSIS-LOO (elpd, SE, difference to the best and its SE, Pareto k)."""
+    from rich.console import Console
+    from rich.table import Table
+
+    from carnk_pkpd.compare import compare_fits
+    from carnk_pkpd.errors import FitError
+
+    fits = [_load_fit_or_exit(d) for d in fit_dirs]
+    try:
+        df = compare_fits(fits, out)
+    except (FitError, FileExistsError, OSError, ValueError) as exc:
+        typer.echo(f"Error: {exc}", err=True)
+        raise typer.Exit(1) from None
+    console = Console()
+    if df.attrs.get("synthetic"):
+        console.print("[bold red]SYNTHETIC data: the fits describe simulated patients.")
+    table = Table(title="PSIS-LOO (leave one record out; elpd in nats, higher is better)")
+    cols = ["model", "rank", "elpd_loo", "se", "elpd_diff", "dse", "p_loo", "k_good", "k_bad", "k_very_bad"]
+    heads = ["model", "rank", "elpd", "SE", "Δelpd", "SE Δ", "p_loo", "k ok", "k bad", "k > 1"]
+    for c, h in zip(cols, heads, strict=True):
+        table.add_column(h, justify="left" if c == "model" else "right")
+    for row in df.itertuples(index=False):
+        r = row._asdict()
+        table.add_row(*(f"{r[c]:.1f}" if isinstance(r[c], float) else str(r[c]) for c in cols))
+    console.print(table)
+    for row in df.itertuples(index=False):
+        if row.warning:
+            console.print(f"[yellow]warning: {row.model}: {row.warning}")
+    if out is not None:
+        typer.echo(f"wrote {out}/compare.csv")
+
+
 # --- demo --------------------------------------------------------------------------------------------
 
 

@@ -3,14 +3,25 @@
 Conventions (NONMEM-style labels beside the plain names):
 
 * ``THETA(k)``: typical values of the structural parameters in model-file order (fixed ones marked
-  ``FIX``), then the conversion factor ``copies_per_cell`` and covariate effects ``beta_*``;
-* ``OMEGA(k,k)``: between-subject SD ``omega_p`` on the log scale (then dose-level tier SDs
-  ``omega_DL_p``), with ``CV% = 100·sqrt(exp(ω²) − 1)``; the model has a diagonal OMEGA, so no
-  correlations are estimated;
-* ``SIGMA(k,k)``: residual SDs (log-scale SD for log-normal error, proportional fraction and additive
-  SD for the combined error), reported as SDs, not variances;
+  ``FIX``), then the conversion factor ``copies_per_cell`` (only when the data hold qPCR records) and
+  covariate effects ``beta_*``;
+* ``OMEGA(k,k)``: the VARIANCE ω² of the between-subject deviation on the log scale, as in NONMEM
+  (then dose-level tier variances ``omega_DL_p``²); the SD ω is in column ``stdev`` and
+  ``CV% = 100·sqrt(exp(ω²) − 1)`` in ``cv_pct``. OMEGA is diagonal (no correlations are estimated);
+  parameters whose BSV the fit does not estimate have no ETA and no OMEGA row;
+* ``SIGMA(k,k)``: the VARIANCE of each residual-error component (log-scale SD², proportional
+  fraction², additive SD² in the record unit²), SD in ``stdev``, CV% for the log-normal
+  (``100·sqrt(exp(σ²) − 1)``) and proportional (``100·σ``) parts; components the model file fixes
+  are marked ``FIX``; observation types without records in the data are left out;
+* posterior quantiles of a variance are the squared quantiles of its SD (exact for a monotone
+  transform), so ``OMEGA(1,1)``'s median is the square of ``omega_<p>``'s median;
 * η-shrinkage ``= 1 − SD_i(E[omega·eta_i]) / E[omega]``: the SD (ddof = 1) over subjects of the
-  posterior mean individual deviation on the log scale, divided by the posterior mean of omega.
+  posterior mean individual deviation on the log scale, divided by the posterior mean of omega;
+* ε-shrinkage per observation type ``= 1 − SD(IWRES)`` over its quantified (non-BLQ) records
+  (ddof = 1), with ``IWRES = (log DV − log IPRED)/σ`` for log-normal error and
+  ``(DV − IPRED)/sqrt((prop·IPRED)² + add²)`` for the combined error, ``IPRED`` the posterior median
+  of the individual prediction and σ, prop, add at their posterior medians. It is reported on the
+  SIGMA rows of that observation type (η-shrinkage on the OMEGA rows).
 """
 
 from __future__ import annotations
@@ -27,7 +38,9 @@ import xarray as xr
 __all__ = [
     "FORMATS",
     "cv_percent",
+    "epsilon_shrinkage",
     "eta_shrinkage",
+    "ext_table",
     "parameter_table",
     "sdtab",
     "subject_table",
@@ -37,8 +50,10 @@ __all__ = [
 FORMATS = ("csv", "json", "md", "tex", "nc")
 PARAMETER_COLUMNS = [
     "label", "name", "kind", "unit", "prior", "fixed", "median", "mean", "sd", "q05", "q95", "q025",
-    "q975", "rse_pct", "cv_pct", "shrinkage_pct", "ess_bulk", "r_hat",
+    "q975", "rse_pct", "stdev", "cv_pct", "shrinkage_pct", "ess_bulk", "r_hat",
 ]  # fmt: skip
+#: Significant digits of the numbers written to csv/json files.
+DIGITS = 6
 
 
 def cv_percent(omega: float | np.ndarray) -> float | np.ndarray:
@@ -105,16 +120,52 @@ def _cd(da: xr.DataArray) -> np.ndarray:
     return da.transpose("chain", "draw", ...).values
 
 
-def parameter_table(fit: Any) -> pd.DataFrame:
+def _variance_stats(x: np.ndarray) -> dict[str, float]:
+    """Posterior summary of the variance x² from draws of the SD x (chain, draw): quantiles are the
+    squared quantiles of x (exact for a monotone transform), mean/SD/RSE those of x²; ESS and R-hat
+    (rank-based) those of x. ``stdev`` is the posterior median of x."""
+    st = _stats(x)
+    v = x.reshape(-1) ** 2
+    mean = float(np.mean(v))
+    sd = float(np.std(v, ddof=1)) if v.size > 1 else 0.0
+    out = {k: st[k] ** 2 for k in ("median", "q05", "q95", "q025", "q975")}
+    out.update(mean=mean, sd=sd, rse_pct=100.0 * sd / mean if mean else np.nan, ess_bulk=st["ess_bulk"],
+               r_hat=st["r_hat"], stdev=st["median"])  # fmt: skip
+    return out
+
+
+def _fixed_variance_row(label: str, name: str, kind: str, unit: str, sd_value: float) -> dict[str, Any]:
+    row = _fixed_row(label, name, kind, unit, sd_value**2)
+    row["stdev"] = sd_value
+    return row
+
+
+def _observed_dvids(fit: Any) -> set[int]:
+    rec = fit.idata["constant_data"].to_dataset() if "constant_data" in fit.idata.children else None
+    if rec is not None and "DVID" in rec:
+        return {int(d) for d in np.unique(rec["DVID"].values)}
+    from carnk_pkpd.statistical import observation_data
+
+    return {int(d) for d in np.unique(observation_data(fit.cohort).dvid)}
+
+
+def parameter_table(fit: Any, sdtab_df: pd.DataFrame | None = None) -> pd.DataFrame:
     """One row per population parameter: THETA, OMEGA, SIGMA (see the module docstring).
 
     Columns: ``label`` (``THETA(1)``…), ``name``, ``kind``, ``unit``, ``prior``, ``fixed``, posterior
-    ``median``, ``mean``, ``sd``, 90% (``q05``, ``q95``) and 95% (``q025``, ``q975``) intervals,
-    ``rse_pct`` (100·SD/|mean|), ``cv_pct`` (OMEGA, at the posterior median; exact for monotone
-    transforms), ``shrinkage_pct`` (OMEGA of BSV), ``ess_bulk``, ``r_hat``. Dose-level values
-    ``<p>_DL`` appear with kind ``DL`` and no NONMEM label.
+    ``median``, ``mean``, ``sd`` (posterior SD: the uncertainty), 90% (``q05``, ``q95``) and 95%
+    (``q025``, ``q975``) intervals, ``rse_pct`` (100·SD/|mean|), ``stdev`` (OMEGA/SIGMA: the SD of the
+    random effect, √ of the variance, at the posterior median), ``cv_pct`` (OMEGA, log-normal and
+    proportional SIGMA; at the posterior median), ``shrinkage_pct`` (η-shrinkage on OMEGA rows of BSV,
+    ε-shrinkage on SIGMA rows), ``ess_bulk``, ``r_hat``. OMEGA and SIGMA rows summarise VARIANCES.
+    Dose-level values ``<p>_DL`` appear with kind ``DL`` and no NONMEM label.
+
+    ``sdtab_df``: the fit's :func:`sdtab` (its ``IWRES`` gives the ε-shrinkage); computed with
+    200 draws and seed 0 when not given.
     """
     spec, post = fit.spec, fit.posterior
+    dvids = _observed_dvids(fit)
+    observations = [obs for dv, obs in spec.observations.items() if dv in dvids]
     rows: list[dict[str, Any]] = []
     k = 0
     for name, par in spec.parameters.items():
@@ -128,7 +179,7 @@ def parameter_table(fit: Any) -> pd.DataFrame:
                              prior=_prior_text(par.prior), fixed=False, **_stats(_cd(post[name]))))  # fmt: skip
         else:
             rows.append(_fixed_row(f"THETA({k})", name, "THETA", par.unit, float(par.typical)))
-    for obs in spec.observations.values():
+    for obs in observations:
         conv = obs.conversion
         if conv is None:
             continue
@@ -155,43 +206,118 @@ def parameter_table(fit: Any) -> pd.DataFrame:
         if om not in post:
             continue
         m += 1
-        st = _stats(_cd(post[om]))
-        rows.append(dict(label=f"OMEGA({m},{m})", name=om, kind="OMEGA", unit="log-scale SD",
-                         prior=f"HalfNormal(sigma={max(par.bsv_sd, 0.1):g})", fixed=False, **st,
-                         cv_pct=float(cv_percent(st["median"])),
+        st = _variance_stats(_cd(post[om]))
+        rows.append(dict(label=f"OMEGA({m},{m})", name=om, kind="OMEGA", unit="log-scale variance",
+                         prior=f"HalfNormal(sigma={max(par.bsv_sd, 0.1):g}) on the SD", fixed=False, **st,
+                         cv_pct=float(cv_percent(st["stdev"])),
                          shrinkage_pct=100.0 * float(shrink.get(name, np.nan))))  # fmt: skip
     for name in spec.parameters:
         om = f"omega_DL_{name}"
         if om not in post:
             continue
         m += 1
-        st = _stats(_cd(post[om]))
-        rows.append(dict(label=f"OMEGA({m},{m})", name=om, kind="OMEGA", unit="log-scale SD (dose level)",
-                         prior="HalfNormal(sigma=0.3)", fixed=False, **st,
-                         cv_pct=float(cv_percent(st["median"]))))  # fmt: skip
+        st = _variance_stats(_cd(post[om]))
+        rows.append(dict(label=f"OMEGA({m},{m})", name=om, kind="OMEGA",
+                         unit="log-scale variance (dose level)", prior="HalfNormal(sigma=0.3) on the SD",
+                         fixed=False, **st, cv_pct=float(cv_percent(st["stdev"]))))  # fmt: skip
         da = post[f"{name}_DL"].transpose("chain", "draw", "dose_level")
         for dl in da["dose_level"].values:
             rows.append(dict(label="", name=f"{name}_DL[{dl}]", kind="DL", unit=spec.parameters[name].unit,
                              prior="", fixed=False, **_stats(da.sel(dose_level=dl).values)))  # fmt: skip
+    if sdtab_df is None:
+        sdtab_df = sdtab(fit)
+    eps = epsilon_shrinkage(sdtab_df, fit.spec)
     s = 0
-    for obs in spec.observations.values():
-        parts = [("log", f"sigma_{obs.name}", "log-scale SD")] if obs.error == "lognormal" else [
-            ("prop", f"sigma_{obs.name}_prop", "fraction"), ("add", f"sigma_{obs.name}_add", obs.unit)]  # fmt: skip
+    for obs in observations:
+        parts = [("log", f"sigma_{obs.name}", "log-scale variance")] if obs.error == "lognormal" else [
+            ("prop", f"sigma_{obs.name}_prop", "fraction²"), ("add", f"sigma_{obs.name}_add", f"({obs.unit})²")]  # fmt: skip
         for key, name, unit in parts:
             sc = obs.residual.get(key)
             if sc is None:
                 continue
             s += 1
             if name in post:
-                rows.append(dict(label=f"SIGMA({s},{s})", name=name, kind="SIGMA", unit=unit,
-                                 prior=_prior_text(sc.prior), fixed=False, **_stats(_cd(post[name]))))  # fmt: skip
+                row = dict(label=f"SIGMA({s},{s})", name=name, kind="SIGMA", unit=unit,
+                           prior=_prior_text(sc.prior) + " on the SD", fixed=False,
+                           **_variance_stats(_cd(post[name])))  # fmt: skip
             else:
-                rows.append(_fixed_row(f"SIGMA({s},{s})", name, "SIGMA", unit, float(sc.typical)))
+                row = _fixed_variance_row(f"SIGMA({s},{s})", name, "SIGMA", unit, float(sc.typical))
+            if key == "log":
+                row["cv_pct"] = float(cv_percent(row["stdev"]))
+            elif key == "prop":
+                row["cv_pct"] = 100.0 * row["stdev"]
+            row["shrinkage_pct"] = 100.0 * float(eps.get(obs.name, np.nan))
+            rows.append(row)
     df = pd.DataFrame(rows)
     for col in PARAMETER_COLUMNS:
         if col not in df:
             df[col] = np.nan
     return df[PARAMETER_COLUMNS]
+
+
+def epsilon_shrinkage(sdtab_df: pd.DataFrame, spec: Any) -> pd.Series:
+    """ε-shrinkage (fraction) per observation type: ``1 − SD(IWRES)`` over the quantified records of
+    that type (``BLQ = 0``, ``EVID = 0``; ddof = 1), from :func:`sdtab`'s ``IWRES``."""
+    out = {}
+    obs = sdtab_df[(sdtab_df.get("EVID", 0) == 0) & (sdtab_df["BLQ"] == 0)]
+    for dvid, spec_obs in spec.observations.items():
+        iw = obs.loc[obs["DVID"] == dvid, "IWRES"].to_numpy(float)
+        iw = iw[np.isfinite(iw)]
+        if iw.size > 1:
+            out[spec_obs.name] = 1.0 - float(np.std(iw, ddof=1))
+    return pd.Series(out, name="epsilon_shrinkage", dtype=float)
+
+
+def ext_table(fit: Any) -> pd.DataFrame:
+    """NONMEM ``.ext``-like table: one row per posterior draw of THETA, SIGMA and OMEGA.
+
+    Columns ``ITERATION`` (draw number within its chain, from 1), ``CHAIN`` (from 1), ``THETA1``…,
+    ``SIGMA(1,1)``…, ``OMEGA(1,1)``… (VARIANCES, as in :func:`parameter_table`; fixed components hold
+    their fixed value in every draw) and ``OBJ`` (−2·log-likelihood of all records at that draw, from
+    the fit's ``log_likelihood`` group; NaN without it). Then NONMEM's summary rows: ``ITERATION``
+    −1000000000 (posterior medians), −1000000001 (posterior SDs) and −1000000006 (1 = fixed, 0 =
+    estimated); their ``CHAIN`` is 0. Dose-level values (kind ``DL``) are not included.
+    """
+    table = parameter_table(fit, sdtab_df=_NO_SDTAB)
+    post = fit.posterior
+    n_chain, n_draw = post.sizes["chain"], post.sizes["draw"]
+    cols: dict[str, np.ndarray] = {
+        "ITERATION": np.tile(np.arange(1, n_draw + 1), n_chain),
+        "CHAIN": np.repeat(np.arange(1, n_chain + 1), n_draw),
+    }
+    fixed, med, sd = {}, {}, {}
+    ordered = [r for kind in ("THETA", "SIGMA", "OMEGA") for r in table[table["kind"] == kind].itertuples()]
+    for r in ordered:
+        col = r.label.replace("THETA(", "THETA").rstrip(")") if r.kind == "THETA" else r.label
+        base = r.name.split("[")[0]
+        if r.fixed:
+            values = np.full(n_chain * n_draw, r.median)
+        else:
+            x = _cd(post[base]).reshape(n_chain * n_draw, -1)
+            x = x[:, int(r.name.split("[")[1].rstrip("]"))] if "[" in r.name else x[:, 0]
+            values = x**2 if r.kind in ("OMEGA", "SIGMA") else x
+        cols[col] = values
+        fixed[col], med[col], sd[col] = float(r.fixed), r.median, r.sd
+    if "log_likelihood" in fit.idata.children:
+        from carnk_pkpd.loglik import joint_log_likelihood
+
+        ll = joint_log_likelihood(fit.idata).transpose("chain", "draw", "record").values
+        cols["OBJ"] = -2.0 * ll.reshape(n_chain * n_draw, -1).sum(axis=1)
+    else:
+        cols["OBJ"] = np.full(n_chain * n_draw, np.nan)
+    df = pd.DataFrame(cols)
+    obj = cols["OBJ"]
+    summary = []
+    for it, values in ((-1000000000, med), (-1000000001, sd), (-1000000006, fixed)):
+        row = {"ITERATION": it, "CHAIN": 0, **values}
+        row["OBJ"] = float(np.median(obj)) if it == -1000000000 else (
+            float(np.std(obj, ddof=1)) if it == -1000000001 and obj.size > 1 else 0.0)  # fmt: skip
+        summary.append(row)
+    return pd.concat([df, pd.DataFrame(summary)], ignore_index=True)
+
+
+#: Tells :func:`parameter_table` to skip the ε-shrinkage (used by :func:`ext_table`, which needs no IWRES).
+_NO_SDTAB = pd.DataFrame({"DVID": [], "BLQ": [], "IWRES": []})
 
 
 # -- per-subject -----------------------------------------------------------------------------------------
@@ -238,21 +364,107 @@ def subject_table(fit: Any, n_draws: int = 50, seed: int = 0) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
-def sdtab(fit: Any, n_draws: int = 200, seed: int = 0, ppc: xr.Dataset | None = None) -> pd.DataFrame:
-    """NONMEM sdtab-like table, one row per concentration record.
+SDTAB_COLUMNS = ["ID", "TIME", "EVID", "MDV", "AMT", "DVID", "DV", "BLQ", "LLOQ", "PRED", "IPRED", "IWRES",
+                 "PDE_FITTED"]  # fmt: skip
 
-    ``ID, TIME (days), DVID, DV, BLQ, LLOQ`` (record units), ``PRED`` (typical-value prediction, eta = 0,
-    posterior-median parameters), ``IPRED`` (posterior median of the individual prediction), ``NPDE``
-    (NPDE-like from the posterior predictive; see :func:`carnk_pkpd.predictive.npde`).
+
+def _residual_sd_median(fit: Any, post: xr.Dataset, name: str, fixed: float) -> float:
+    return float(post[name].median()) if name in post else float(fixed)
+
+
+def individual_weighted_residuals(fit: Any, records: pd.DataFrame) -> np.ndarray:
+    """IWRES per record (see the module docstring); NaN for BLQ records and DVIDs the model lacks.
+
+    ``records`` needs ``DVID``, ``DV``, ``BLQ`` and ``IPRED`` (posterior median individual prediction).
+    """
+    post = fit.posterior
+    out = np.full(len(records), np.nan)
+    dv = records["DV"].to_numpy(float)
+    ipred = records["IPRED"].to_numpy(float)
+    quant = records["BLQ"].to_numpy() == 0
+    for dvid, obs in fit.spec.observations.items():
+        sel = (records["DVID"].to_numpy() == dvid) & quant
+        if not sel.any():
+            continue
+        if obs.error == "lognormal":
+            sig = _residual_sd_median(fit, post, f"sigma_{obs.name}", obs.residual["log"].typical)
+            with np.errstate(divide="ignore", invalid="ignore"):
+                out[sel] = (np.log(dv[sel]) - np.log(ipred[sel])) / sig
+        else:
+            prop = _residual_sd_median(fit, post, f"sigma_{obs.name}_prop", obs.residual["prop"].typical)
+            add = _residual_sd_median(fit, post, f"sigma_{obs.name}_add", obs.residual["add"].typical)
+            out[sel] = (dv[sel] - ipred[sel]) / np.sqrt((prop * ipred[sel]) ** 2 + add**2)
+    return out
+
+
+def _etas(fit: Any) -> tuple[pd.DataFrame, list[str]]:
+    """ETA1..n per subject: posterior mean of ``omega_p·eta_p,i`` (log scale), in OMEGA order."""
+    post = fit.posterior
+    names = [p for p in fit.spec.parameters if f"omega_{p}" in post and f"eta_{p}" in post]
+    ids = [str(s) for s in (post["subject"].values if "subject" in post.coords else fit.cohort.ids)]
+    cols = {"ID": ids}
+    for j, p in enumerate(names, start=1):
+        cols[f"ETA{j}"] = (post[f"omega_{p}"] * post[f"eta_{p}"]).mean(("chain", "draw")).values
+    return pd.DataFrame(cols), names
+
+
+def sdtab(fit: Any, n_draws: int = 200, seed: int = 0, ppc: xr.Dataset | None = None) -> pd.DataFrame:
+    """NONMEM sdtab-like table in the cohort's record order: the fitted concentration records (EVID 0)
+    and the dosing and lymphodepletion records (EVID 1, 2; MDV 1, no predictions).
+
+    Columns ``ID, TIME`` (days), ``EVID, MDV, AMT`` (10^9 cells), ``DVID, DV, BLQ, LLOQ`` (record
+    units), ``PRED`` (typical-value prediction, eta = 0, posterior-median parameters), ``IPRED``
+    (posterior median of the individual prediction), ``IWRES`` (individual weighted residual, see the
+    module docstring; empty for BLQ records), ``PDE_FITTED`` and ``ETA1``… ``ETAn``.
+
+    ``PDE_FITTED`` is NOT an NPDE: it is Φ⁻¹ of the posterior-predictive probability of DV computed from
+    replicates of the *fitted* subjects (their own individual parameters; no new subjects are drawn,
+    no within-subject decorrelation; see :func:`carnk_pkpd.predictive.npde`), so its variance is below 1
+    even for a correct model. ``ETAj`` is the posterior mean of subject i's log-scale deviation
+    ``omega_p·eta_p,i`` of the j-th BSV parameter (the OMEGA(j,j) order); which parameter each ETA is
+    is in ``attrs["comments"]`` (written as a header comment) and ``attrs["eta_names"]``.
+    Clinical records (DVID 10–12) and observations without a DV are not part of the fit and are left out.
     """
     from carnk_pkpd.predictive import npde, population_predictions, posterior_predictive
 
     ppc = posterior_predictive(fit, n_draws, seed) if ppc is None else ppc
-    df = pd.DataFrame({k: ppc[k].values for k in ("ID", "TIME", "DVID", "DV", "BLQ", "LLOQ")})
-    df["PRED"] = population_predictions(fit).values
-    df["IPRED"] = np.median(ppc["IPRED"].values, axis=0)
-    df["NPDE"] = npde(ppc, seed).values
-    return df
+    obs = pd.DataFrame({k: ppc[k].values for k in ("ID", "TIME", "DVID", "DV", "BLQ", "LLOQ")})
+    obs["ID"] = obs["ID"].astype(str)
+    obs["PRED"] = population_predictions(fit).values
+    obs["IPRED"] = np.median(ppc["IPRED"].values, axis=0)
+    obs["IWRES"] = individual_weighted_residuals(fit, obs)
+    obs["PDE_FITTED"] = npde(ppc, seed).values
+    obs["EVID"], obs["MDV"], obs["AMT"] = 0, 0, 0.0
+
+    full = fit.cohort.to_dataframe()
+    full["ID"] = full["ID"].astype(str)
+    is_obs = (full["EVID"] == 0) & (full["MDV"] == 0) & full["DVID"].isin(obs["DVID"].unique())
+    keep = full[is_obs | full["EVID"].isin([1, 2])].reset_index(drop=True)
+    keep["_row"] = np.arange(len(keep))
+    merged = keep[["ID", "TIME", "EVID", "DVID", "AMT", "_row"]].merge(
+        obs.drop(columns=["EVID", "AMT"]), on=["ID", "TIME", "DVID"], how="left", suffixes=("", "_obs")
+    )
+    dose = merged["EVID"] != 0
+    merged.loc[dose, obs.columns.difference(["ID", "TIME", "DVID", "EVID", "AMT"])] = np.nan
+    merged.loc[dose, "MDV"] = 1
+    merged.loc[dose, "BLQ"] = 0
+    merged.loc[~dose, "AMT"] = 0.0
+    merged["AMT"] = merged["AMT"].fillna(0.0)
+    merged = merged.sort_values("_row").drop(columns="_row").reset_index(drop=True)
+    if int((~dose).sum()) != len(obs):
+        raise ValueError(f"sdtab: {len(obs)} fitted records but {int((~dose).sum())} matched in the cohort")
+    etas, eta_names = _etas(fit)
+    merged = merged.merge(etas, on="ID", how="left")
+    merged = merged[SDTAB_COLUMNS + [c for c in etas.columns if c != "ID"]]
+    for col in ("EVID", "MDV", "DVID", "BLQ"):
+        merged[col] = merged[col].astype(int)
+    merged.attrs["eta_names"] = {f"ETA{j}": p for j, p in enumerate(eta_names, start=1)}
+    merged.attrs["comments"] = [
+        "ETA columns (posterior mean of omega_p*eta_p,i, log scale): "
+        + (", ".join(f"ETA{j}={p}" for j, p in enumerate(eta_names, start=1)) or "none"),
+        "PDE_FITTED: from replicates of the fitted subjects, not an NPDE (no new subjects drawn)",
+    ]
+    return merged
 
 
 # -- writing ----------------------------------------------------------------------------------------------
@@ -293,12 +505,12 @@ def to_latex(df: pd.DataFrame, caption: str) -> str:
 
 
 def _json_safe(df: pd.DataFrame) -> list[dict[str, Any]]:
-    return json.loads(df.to_json(orient="records", double_precision=10))
+    return json.loads(df.to_json(orient="records", double_precision=DIGITS))
 
 
 #: The files each format writes (checked against the output rule before any work).
 EXPORT_FILES = {
-    "csv": ("parameters.csv", "subjects.csv", "sdtab.csv"),
+    "csv": ("parameters.csv", "subjects.csv", "sdtab.csv", "ext.csv"),
     "json": ("export.json",),
     "md": ("export.md",),
     "tex": ("parameters.tex", "subjects.tex", "sdtab.tex"),
@@ -341,10 +553,11 @@ def write_export(
 
     ppc = posterior_predictive(fit, n_draws, seed)
     if fmt != "nc":
+        sd = sdtab(fit, n_draws, seed, ppc=ppc)
         tables = {
-            "parameters": parameter_table(fit),
+            "parameters": parameter_table(fit, sdtab_df=sd),
             "subjects": subject_table(fit, min(n_draws, 50), seed),
-            "sdtab": sdtab(fit, n_draws, seed, ppc=ppc),
+            "sdtab": sd,
         }
     with output_files(dest, command="export", kind="export") as tmp:
         if fmt == "nc":
@@ -358,12 +571,20 @@ def write_export(
             pp.attrs.update(synthetic=int(fit.synthetic), seed=seed, n_draws=int(ppc.sizes["sample"]))
             pp.to_netcdf(tmp / "posterior_predictive.nc", engine="netcdf4")
         elif fmt == "csv":
+            tables["ext"] = ext_table(fit)
             for name, df in tables.items():
-                write_csv(df, tmp / f"{name}.csv", lines)
+                write_csv(
+                    df,
+                    tmp / f"{name}.csv",
+                    [*lines, *df.attrs.get("comments", [])],
+                    float_format=f"%.{DIGITS}g",
+                )
         elif fmt == "json":
             doc = {
                 "synthetic": fit.synthetic,
-                "note": note + "OMEGA as log-scale SD; SIGMA as SD; shrinkage = 1 − SD(E[ω·η_i])/E[ω].",
+                "note": note + "OMEGA and SIGMA as variances (SD in 'stdev', CV% in 'cv_pct'); "
+                "η-shrinkage = 1 − SD(E[ω·η_i])/E[ω]; ε-shrinkage = 1 − SD(IWRES); "
+                "PDE_FITTED is not an NPDE (replicates of the fitted subjects).",
                 "provenance": prov,
                 "diagnostics": fit.diagnostics.to_dict() if fit.diagnostics is not None else None,
                 "manifest": fit.manifest,

@@ -115,6 +115,7 @@ def fit(
 
     from carnk_pkpd.data import Cohort, read_cohort
     from carnk_pkpd.diagnostics import diagnose
+    from carnk_pkpd.loglik import add_log_likelihood
     from carnk_pkpd.spec import ModelSpec, load_model
     from carnk_pkpd.statistical import build_model, observation_data
 
@@ -164,6 +165,7 @@ def fit(
         {"DV": ("record", data.dv)}, coords={"record": np.arange(len(data.dv))}
     )
     idata = xr.DataTree.from_dict({f"/{k}": v for k, v in groups.items()})
+    idata = add_log_likelihood(idata, spec, data, accuracy=accuracy)  # after sampling: loglik.py
     diag = diagnose(groups["posterior"], groups.get("sample_stats"))
     ess = diag.min_ess_bulk
     manifest = dict(

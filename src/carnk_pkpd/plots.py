@@ -38,7 +38,7 @@ def png_bytes(fig: Figure, dpi: int = 90) -> bytes:
 
 
 def gof(sd: pd.DataFrame, synthetic: bool = False) -> Figure:
-    """DV vs PRED and vs IPRED (log axes, BLQ records left out) and NPDE vs time (BLQ hollow)."""
+    """DV vs PRED and vs IPRED (log axes, BLQ records left out) and PDE_FITTED vs time (BLQ hollow)."""
     fig, ax = plt.subplots(1, 3, figsize=(14, 4.5))
     obs = sd[(sd["BLQ"] == 0) & (sd["DV"] > 0)]
     for k, col in enumerate(("PRED", "IPRED")):
@@ -62,13 +62,13 @@ def gof(sd: pd.DataFrame, synthetic: bool = False) -> Figure:
     for dvid, g in sd.groupby("DVID"):
         c = DVID_COLOR.get(dvid, "k")
         b = g["BLQ"] == 1
-        a.scatter(g["TIME"][~b], g["NPDE"][~b], s=14, color=c, alpha=0.7, label=DVID_LABEL.get(dvid))
-        a.scatter(g["TIME"][b], g["NPDE"][b], s=18, facecolors="none", edgecolors=c)
+        a.scatter(g["TIME"][~b], g["PDE_FITTED"][~b], s=14, color=c, alpha=0.7, label=DVID_LABEL.get(dvid))
+        a.scatter(g["TIME"][b], g["PDE_FITTED"][b], s=18, facecolors="none", edgecolors=c)
     for y in (-1.96, 0, 1.96):
         a.axhline(y, color="grey", ls="--" if y else "-", lw=1)
     a.set_xlabel("time (days)")
-    a.set_ylabel("NPDE-like (posterior predictive)")
-    a.set_title(_title("NPDE vs time (hollow: BLQ)", synthetic))
+    a.set_ylabel("PDE_FITTED (fitted subjects' replicates; not NPDE)")
+    a.set_title(_title("PDE_FITTED vs time (hollow: BLQ)", synthetic))
     fig.tight_layout()
     return fig
 

@@ -62,8 +62,9 @@ def render_report(fit: Any, n_draws: int = 100, seed: int = 0) -> str:
     syn = fit.synthetic
     ppc = posterior_predictive(fit, n_draws, seed)
     sd = sdtab(fit, n_draws, seed, ppc=ppc)
+    par = parameter_table(fit, sdtab_df=sd)
+    sd = sd[sd["EVID"] == 0]  # the fitted concentration records (the sdtab also lists dosing records)
     pred = population_predictions(fit).values
-    par = parameter_table(fit)
     subj = subject_table(fit, min(n_draws, 50), seed)
     curves = individual_curves(fit, min(n_draws, 50), seed)
     name = Path(fit.path).name if fit.path is not None else "fit"
@@ -90,11 +91,13 @@ def render_report(fit: Any, n_draws: int = 100, seed: int = 0) -> str:
         "thinned posterior draws.</p>"
     )
     cols = ["label", "name", "unit", "prior", "fixed", "median", "mean", "sd", "q05", "q95", "q025", "q975",
-            "rse_pct", "cv_pct", "shrinkage_pct", "ess_bulk", "r_hat"]  # fmt: skip
+            "rse_pct", "stdev", "cv_pct", "shrinkage_pct", "ess_bulk", "r_hat"]  # fmt: skip
     body = ""
     for kind, text in (("THETA", "THETA: typical values (natural units)"),
-                       ("OMEGA", "OMEGA: between-subject SD on the log scale; CV% = 100·sqrt(exp(ω²) − 1)"),
-                       ("SIGMA", "SIGMA: residual SDs (log-scale SD, proportional fraction, additive SD)"),
+                       ("OMEGA", "OMEGA: between-subject variance ω² on the log scale (SD ω in stdev); "
+                                 "CV% = 100·sqrt(exp(ω²) − 1); shrinkage: η-shrinkage"),
+                       ("SIGMA", "SIGMA: residual variances (log-scale, proportional, additive; SD in stdev); "
+                                 "shrinkage: ε-shrinkage = 1 − SD(IWRES)"),
                        ("DL", "Dose-level tier values")):  # fmt: skip
         sub = par[par["kind"] == kind]
         if len(sub):
@@ -106,7 +109,7 @@ def render_report(fit: Any, n_draws: int = 100, seed: int = 0) -> str:
         "shrinkage", "η-shrinkage",
         "<p>Shrinkage = 1 − SD<sub>i</sub>(posterior mean of ω·η<sub>i</sub>) / posterior mean of ω "
         "(SD over subjects, ddof = 1). Above about 30%, individual-parameter plots are unreliable.</p>"
-        + _table(om[["label", "name", "median", "cv_pct", "shrinkage_pct"]])
+        + _table(om[["label", "name", "median", "stdev", "cv_pct", "shrinkage_pct"]])
         + _img(plots.png_bytes(plots.shrinkage_bar(par, syn)), "shrinkage"),
     ))  # fmt: skip
     diag = fit.diagnostics.to_dict() if fit.diagnostics is not None else {}
@@ -118,7 +121,8 @@ def render_report(fit: Any, n_draws: int = 100, seed: int = 0) -> str:
     parts.append(_section(
         "gof", "Goodness of fit",
         "<p>PRED: typical-value prediction (η = 0, posterior-median parameters). IPRED: posterior median of "
-        "the individual prediction. NPDE-like: Φ⁻¹ of the posterior-predictive probability of DV (BLQ records "
+        "the individual prediction. PDE_FITTED (not an NPDE): Φ⁻¹ of the posterior-predictive probability of DV "
+        "from replicates of the fitted subjects (BLQ records "
         "imputed uniformly below P(y<sub>rep</sub> &lt; LLOQ); no within-subject decorrelation).</p>"
         + _img(plots.png_bytes(plots.gof(sd, syn)), "goodness of fit"),
     ))  # fmt: skip
