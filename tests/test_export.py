@@ -74,7 +74,7 @@ def test_parameter_table_labels_and_cv(fit_copy):
     sigma = df[df["kind"] == "SIGMA"]
     assert list(sigma["label"]) == [f"SIGMA({k},{k})" for k in range(1, len(sigma) + 1)]
     assert list(sigma["name"]) == ["sigma_car_flow", "sigma_bcell_flow_prop", "sigma_bcell_flow_add"]
-    for _, row in pd.concat([omega, sigma[~sigma["fixed"]]]).iterrows():
+    for _, row in pd.concat([omega[~omega["fixed"]], sigma[~sigma["fixed"]]]).iterrows():
         x = post[row["name"]].values.ravel()
         med = np.median(x)
         # NONMEM convention: OMEGA(k,k) and SIGMA(k,k) are variances; the SD has its own column
@@ -87,6 +87,16 @@ def test_parameter_table_labels_and_cv(fit_copy):
             assert row["cv_pct"] == pytest.approx(100.0 * np.sqrt(np.exp(med**2) - 1.0))
     first = omega.iloc[0]
     assert first["label"] == "OMEGA(1,1)" and first["name"] == "omega_f_bl"
+    # OMEGA FIX (bsv.estimate = false, sd > 0): a FIX row holding the file's variance, in file order
+    spec = fit_copy.spec
+    with_bsv = [n for n, p in spec.parameters.items() if p.bsv_sd > 0]
+    assert list(omega["name"][: len(with_bsv)]) == [f"omega_{n}" for n in with_bsv]
+    for n in with_bsv:
+        row = omega.set_index("name").loc[f"omega_{n}"]
+        assert bool(row["fixed"]) == (not spec.parameters[n].bsv_estimate)
+        if row["fixed"]:
+            assert row["prior"] == "FIX" and row["median"] == pytest.approx(spec.parameters[n].bsv_sd ** 2)
+            assert row["stdev"] == pytest.approx(spec.parameters[n].bsv_sd)
     assert first["median"] == pytest.approx(np.median(post["omega_f_bl"].values) ** 2, rel=1e-12)
     prop = sigma.set_index("name").loc["sigma_bcell_flow_prop"]
     assert prop["cv_pct"] == pytest.approx(100.0 * prop["stdev"])

@@ -204,6 +204,15 @@ def parameter_table(fit: Any, sdtab_df: pd.DataFrame | None = None) -> pd.DataFr
     for name, par in spec.parameters.items():
         om = f"omega_{name}"
         if om not in post:
+            if par.bsv_sd > 0 and not par.bsv_estimate:  # OMEGA FIX: eta sampled, omega held at the file's sd
+                m += 1
+                row = _fixed_row(f"OMEGA({m},{m})", om, "OMEGA", "log-scale variance", float(par.bsv_sd) ** 2)
+                shr = np.nan
+                if f"eta_{name}" in post and post.sizes.get("subject", 0) > 1:
+                    dev = (par.bsv_sd * post[f"eta_{name}"]).mean(("chain", "draw")).values
+                    shr = 1.0 - float(np.std(dev, ddof=1)) / par.bsv_sd
+                rows.append(dict(row, stdev=float(par.bsv_sd), cv_pct=float(cv_percent(par.bsv_sd)),
+                                 shrinkage_pct=100.0 * shr))  # fmt: skip
             continue
         m += 1
         st = _variance_stats(_cd(post[om]))
@@ -324,13 +333,15 @@ _NO_SDTAB = pd.DataFrame({"DVID": [], "BLQ": [], "IWRES": []})
 def subject_table(fit: Any, n_draws: int = 50, seed: int = 0) -> pd.DataFrame:
     """Posterior median and 90% interval per subject of each individual parameter and derived metric.
 
-    Individual parameters are those that differ between subjects (BSV or dose-level tier).
+    Individual parameters are those that differ between subjects (BSV, estimated or OMEGA FIX,
+    dose-level tier or covariates). Metrics use each subject's own doses and LD window (its EVID=2 rows).
 
     Long format: ``ID``, ``quantity``, ``unit``, ``median``, ``q05``, ``q95``. Derived metrics (DA days,
     B-cell nadir, reconstitution day, CAR-NK Cmax and AUC 0–28 d, …) come from
     :func:`carnk_pkpd.structural.derived_metrics` on ``n_draws`` thinned draws; NaN days (never
     reached) are left out of the quantiles, and ``fraction_nan`` says how often that happened.
     """
+    from carnk_pkpd.population import ld_window_from_times
     from carnk_pkpd.predictive import draw_indices
     from carnk_pkpd.statistical import observation_data
     from carnk_pkpd.structural import derived_metrics
@@ -338,8 +349,7 @@ def subject_table(fit: Any, n_draws: int = 50, seed: int = 0) -> pd.DataFrame:
     ind = fit.individual_parameters().stack(sample=("chain", "draw")).transpose("sample", "subject")
     ids = [str(s) for s in ind["subject"].values]
     rows = []
-    post = fit.posterior
-    varying = [p for p in ind.data_vars if f"{p}_i" in post or f"{p}_DL" in post]
+    varying = [p for p in ind.data_vars if np.ptp(ind[p].values, axis=1).max(initial=0.0) > 0.0]
     for p in varying:
         v = ind[p].values
         for j, sid in enumerate(ids):
@@ -352,7 +362,8 @@ def subject_table(fit: Any, n_draws: int = 50, seed: int = 0) -> pd.DataFrame:
     params = {p: sub[p].values.reshape(-1) for p in sub.data_vars}
     params["n_transit"] = fit.n_transit
     data = observation_data(fit.cohort)
-    met = derived_metrics(params, list(data.doses) * n_s, fit.spec, accuracy="default")
+    ld = {k: np.tile(v, n_s) for k, v in ld_window_from_times(data.ld_times, fit.spec).items()}
+    met = derived_metrics(params, list(data.doses) * n_s, fit.spec, accuracy="default", ld=ld)
     for name in met.data_vars:
         v = met[name].values.reshape(n_s, n_sub)
         for j, sid in enumerate(ids):
