@@ -1,9 +1,10 @@
 """Sampling: build the PyMC model, compile it for nutpie (JAX backend), sample, diagnose.
 
-nutpie runs the chains in parallel native threads and calls the JAX-compiled log density with
-``jax.grad`` gradients (the structural solver enters as a JAX op, so one reverse pass covers the
-solver and the likelihood; PyTensor's own gradient of a JAX op would run the solver a second time
-inside a separate VJP op). The likelihood avoids ``pm.Censored``, whose unused branch gives NaN
+Chains run in spawned worker processes (one single-threaded XLA each), because nutpie's JAX backend
+calls the log density from Python and its chain threads serialise on the GIL. nutpie calls the
+JAX-compiled log density with ``jax.grad`` gradients (the structural solver enters as a JAX op, so
+one reverse pass covers the solver and the likelihood; PyTensor's own gradient of a JAX op would run
+the solver a second time inside a separate VJP op). The likelihood avoids ``pm.Censored``, whose unused branch gives NaN
 gradients under ``jax.grad`` (see ``statistical.normal_lcdf``).
 """
 
@@ -248,7 +249,8 @@ def fit(
     cores
         Worker processes sampling chains in parallel (default: ``min(chains, CPUs)``); 1 samples the
         chains one after another in this process. Each worker compiles the model once (single-
-        threaded XLA).
+        threaded XLA). Workers are spawned, so a script that calls ``fit`` at top level needs an
+        ``if __name__ == "__main__":`` guard (or ``cores=1``); notebooks and the CLI need nothing.
     adaptation
         nutpie's mass-matrix adaptation: ``"low_rank"`` (default: on the reference cohort it needs
         ~19 leapfrog steps per draw against ~58 for ``"diag"``, because typical values, BSV SDs and
