@@ -661,6 +661,7 @@ def sbc_cmd(
         raise typer.Exit(1) from None
     table = result["uniformity"][["parameter", "n", "chi2", "df", "p_value"]]
     typer.echo(table.to_string(index=False, float_format=lambda x: f"{x:.3g}"))
+    typer.echo(f"fits with divergences or R-hat > 1.01: {result['fits_failing']} of {n_cohorts}")
     typer.echo(f"wrote {result['out']}/ (ranks.csv, uniformity.csv, rank_histograms.png); SYNTHETIC cohorts")
 
 

@@ -240,7 +240,8 @@ def run_sbc(
     ``scheduler``: None starts a Dask ``LocalCluster`` (one single-threaded worker process per CPU),
     ``"sync"`` runs the cohorts one after another in this process (tests, debugging), anything else
     is a Dask scheduler address (``tcp://host:8786``). The folder is written to a temporary sibling
-    and renamed, so ``out`` is either complete or absent. Returns ``{"ranks", "uniformity", "out"}``.
+    and renamed, so ``out`` is either complete or absent. Returns ``{"ranks", "uniformity", "out",
+    "fits_failing"}`` (cohorts whose fit had divergences or R-hat > 1.01: their ranks are suspect).
     """
     from carnk_pkpd.spec import ModelSpec, load_model
 
@@ -280,7 +281,9 @@ def run_sbc(
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
-    return {"ranks": ranks, "uniformity": summary, "out": dest}
+    per_fit = ranks.groupby("cohort").first()
+    failing = int(((per_fit.divergences > 0) | ~(per_fit.max_r_hat <= 1.01)).sum())
+    return {"ranks": ranks, "uniformity": summary, "out": dest, "fits_failing": failing}
 
 
 def _run_dask(spec: Any, settings: SBCSettings, ks: list[int], scheduler: str | None) -> list[Any]:
