@@ -1,6 +1,6 @@
 """Benchmark of the JAX B-lineage solver (carnk_pkpd.structural.solve) on ONE core.
 
-Run:  .venv/bin/python benchmarks/bench_solver.py [--subjects 10000 --chunk 64 --core 0]
+Run:  .venv/bin/python benchmarks/bench_solver.py [--subjects 10000 --chunk 64 --core 0 --sections abcde|e]
 
 Prints, then summarises in a table with targets:
 
@@ -14,7 +14,11 @@ Prints, then summarises in a table with targets:
     time apart; target ≤ 5 ms;
 (d) the largest error against the Radau reference (rtol 1e-10) on 10 stress sets, as a fraction of
     the accuracy contract (default 1e-3·|B| + 1e-3, tight 1e-6·|B| + 1e-8 cells/µL), and the
-    integration nodes per trajectory.
+    integration nodes per trajectory;
+(e) the fit's own log density and gradient (nutpie's compiled JAX function, what every leapfrog step
+    calls) for SYNTHETIC cohorts of 20 subjects of the trial design (follow-up like the trial, longest
+    365 d), 20 subjects with 365 d each, and 60 subjects (15 per dose level, 365 d each); CPU ms per
+    call, integration steps, and the 60/20 ratio; targets <= 1.5 ms (20 subjects), ratio <= 3.5.
 
 One core: XLA's intra-op threads are switched off before JAX is imported and the process is pinned to
 one CPU (sched_setaffinity, what ``taskset -c`` does). CPU time of this process is what is timed, so
@@ -66,6 +70,7 @@ def main() -> None:
     ap.add_argument("--chunk", type=int, default=64, help="subjects per solver call (cache-sized batches)")
     ap.add_argument("--core", type=int, default=None, help="CPU to pin to (default: the last allowed)")
     ap.add_argument("--seed", type=int, default=1)
+    ap.add_argument("--sections", default="abcde", help="abcde: all; e: the fit-gradient section (e) only")
     args = ap.parse_args()
     pinned = pin_to_one_core(args.core)
 
@@ -102,8 +107,13 @@ def main() -> None:
     daily = np.arange(-5.0, 365.5, 1.0)
     rows: list[tuple[str, str, str, str]] = []
 
-    # ---------------------------------------------------------------- (a) throughput, one core
     theta_all = draw_subjects(args.subjects)
+    if "e" in args.sections:
+        rows += fit_gradient_scaling(spec)
+    if "a" not in args.sections:
+        print_rows(rows)
+        return
+    # ---------------------------------------------------------------- (a) throughput, one core
     k_tr_fastest = n_transit / theta_all["MTT"].min()
     print(f"\n(a) {args.subjects} subjects, DL4, days -5..365, default accuracy, chunks of {args.chunk}")
     rates = {}
@@ -287,12 +297,69 @@ def main() -> None:
         )
     rows.append(("    (nodes: sampling days / half-day outputs)", "", "", ""))
 
+    print_rows(rows)
+
+
+def print_rows(rows: list[tuple[str, str, str, str]]) -> None:
     print()
     width = max(len(r[0]) for r in rows)
     print(f"{'figure':{width}s}  {'value':>18s}  {'target':>10s}  met")
     print("-" * (width + 38))
     for name, value, target, met in rows:
         print(f"{name:{width}s}  {value:>18s}  {target:>10s}  {met}")
+
+
+def fit_gradient_scaling(spec) -> list[tuple[str, str, str, str]]:
+    """Section (e): CPU ms per call of the fit's compiled log density + gradient, three cohorts."""
+    import numpy as np
+    import nutpie
+    from bench_fit import scenario_cohort
+
+    from carnk_pkpd.cohortsim import simulate_cohort
+    from carnk_pkpd.statistical import build_model, observation_data
+
+    print("\n(e) the fit's log density + gradient (nutpie JAX function), SYNTHETIC cohorts, one core")
+    cohorts = {
+        "20 subjects, trial follow-up (max 365 d)": scenario_cohort(spec, "trial365"),
+        "20 subjects, 365 d each": simulate_cohort(spec, "1:1,2:1,3:5,4:13", seed=365, follow_up=365.0)[0],
+        "60 subjects, 365 d each": scenario_cohort(spec, "n60"),
+    }
+    ms = {}
+    for label, cohort in cohorts.items():
+        data = observation_data(cohort)
+        model = build_model(spec, data)
+        nodes = model._carnk_grid.nodes  # noqa: SLF001 - benchmark reads the grid the fit built
+        real = int((np.diff(nodes, axis=1) > 0).sum())
+        compiled = nutpie.compile_pymc_model(model, backend="jax", gradient_backend="jax")
+        logp = compiled._make_logp_func()  # noqa: SLF001
+        shared = dict(compiled._shared_data)  # noqa: SLF001
+        x = np.zeros(compiled.n_dim)
+        for _ in range(3):
+            logp(x, **shared)
+        per = cpu_seconds(lambda logp=logp, x=x, shared=shared: logp(x, **shared), 100)
+        ms[label] = float(np.median(per)) * 1e3
+        print(
+            f"    {label:42s}: {len(data.dv):5d} records, {real:6d} integration steps "
+            f"(scan length {nodes.shape[1] - 1}); {ms[label]:.2f} ms CPU per call"
+        )
+    labels = list(cohorts)
+    ratio = ms[labels[2]] / ms[labels[1]]
+    return [
+        (
+            "(e) fit gradient, 20 subjects, trial follow-up",
+            f"{ms[labels[0]]:.2f} ms",
+            "<= 1.5 ms",
+            "yes" if ms[labels[0]] <= 1.5 else "NO",
+        ),
+        ("    20 subjects, 365 d each", f"{ms[labels[1]]:.2f} ms", "-", "-"),
+        ("    60 subjects, 365 d each", f"{ms[labels[2]]:.2f} ms", "-", "-"),
+        (
+            "    ratio 60 / 20 subjects (365 d each)",
+            f"{ratio:.2f}x",
+            "<= 3.5x",
+            "yes" if ratio <= 3.5 else "NO",
+        ),
+    ]
 
 
 if __name__ == "__main__":
