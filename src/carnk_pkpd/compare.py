@@ -184,7 +184,7 @@ def compare_fits(
 def _write(df: pd.DataFrame, dest: Path) -> Path:
     from carnk_pkpd.atomic import atomic_folder
 
-    with atomic_folder(dest, overwrite=False) as tmp:
+    with atomic_folder(dest, overwrite=False, kind="compare", command="compare") as tmp:
         with open(tmp / "compare.csv", "w", encoding="utf-8", newline="") as fh:
             if df.attrs.get("synthetic"):
                 fh.write("# SYNTHETIC: fits of simulated patients, not trial data\n")
