@@ -530,9 +530,13 @@ def select_draws(post: xr.Dataset, n: int, rng: np.random.Generator) -> xr.Datas
     nd = flat.sizes["s"]
     take = rng.choice(nd, size=n, replace=n > nd)
     sub = flat.isel(s=take).drop_vars(["s", "chain", "draw"]).rename({"s": "draw"})
-    sub = sub.expand_dims(chain=[0]).assign_coords(draw=np.arange(n))
-    sub.attrs = dict(post.attrs)
-    return sub.transpose("chain", "draw", ...)
+    sub = sub.expand_dims(chain=[0]).assign_coords(draw=np.arange(n)).transpose("chain", "draw", ...)
+    # plain in-memory arrays only: the result travels to Dask workers and must hold no file handle
+    return xr.Dataset(
+        {k: (sub[k].dims, np.array(sub[k].values)) for k in keep},
+        coords={k: np.array(v.values) for k, v in sub.coords.items() if k in sub.dims},
+        attrs=dict(post.attrs),
+    )
 
 
 def predict_from_metric(
