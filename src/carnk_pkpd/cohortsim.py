@@ -593,12 +593,12 @@ def simulate_cohort(
         aplasia_window=(float(ev["aplasia_window"][0]), float(ev["aplasia_window"][1])),
         ld=ld,
     )
+    from carnk_pkpd.remission import link_values  # the one place "never happens" becomes a number
+
     rem = spec.remission
     metric = str(rem.get("metric", "DA"))
-    x = np.atleast_1d(metrics[metric].values).astype(float)
-    x = np.where(
-        np.isfinite(x), x, float(ev["aplasia_window"][1]) if metric == "DA" else float(rem["center"])
-    )
+    x = link_values({k: np.atleast_1d(metrics[k].values) for k in metrics.data_vars}, metric, ev)
+    x = np.where(np.isfinite(x), x, float(ev["aplasia_window"][1]))  # DA is always finite; kept as a guard
     logit = float(rem["theta0"]) + float(rem["theta1"]) * (x - float(rem["center"])) / float(rem["scale"])
     p_response = 1.0 / (1.0 + np.exp(-logit))
     latent["response"] = u_response < p_response
