@@ -881,7 +881,9 @@ def sbc_cmd(
     ),
     seed: int = typer.Option(0, "--seed", help="Seed of the prior draws, cohorts and samplers."),
     design: str = typer.Option("1:1,2:1,3:5,4:13", "--design", help="Subjects per dose level."),
-    follow_up: float = typer.Option(None, "--follow-up", min=1, help="Days for all (default: like the trial)."),
+    follow_up: float = typer.Option(
+        None, "--follow-up", min=1, help="Days for all (default: like the trial)."
+    ),
     draws: int = typer.Option(200, "--draws", min=1, help="Posterior draws per chain."),
     tune: int = typer.Option(200, "--tune", min=0, help="Warm-up iterations per chain."),
     chains: int = typer.Option(2, "--chains", min=1, help="Chains per fit."),
