@@ -15,8 +15,10 @@ from carnk_pkpd.doses import (
     default_grid,
     load_grid,
     patient_metrics,
+    quantile_mcse,
     rank_regimens,
     ranking_table,
+    tie_statement,
     write_results,
 )
 from carnk_pkpd.regimen import Regimen
@@ -109,6 +111,39 @@ def test_ranking_table_columns_and_ordered_quantiles(ranked):
         assert np.all(q05 <= med) and np.all(med <= q95), name
     assert df["utility"].is_monotonic_decreasing
     assert df["p_best"].sum() == pytest.approx(1.0)
+
+
+def test_median_mcse_matches_the_spread_of_medians_over_repeated_samples():
+    # the order-statistic MCSE of a median against the SD of medians of 2000 independent samples
+    rng = np.random.default_rng(3)
+    x = rng.beta(4, 6, size=(2000, 200))
+    truth = np.median(x, axis=1).std(ddof=1)
+    est = np.mean([quantile_mcse(row, 0.5) for row in x[:200]])
+    assert est == pytest.approx(truth, rel=0.15)
+
+
+def test_ranking_reports_monte_carlo_error_and_ties(ranked):
+    df = ranking_table(ranked)
+    n = ranked.sizes["draw"]
+    np.testing.assert_allclose(df["p_best_mcse"], np.sqrt(df["p_best"] * (1 - df["p_best"]) / n))
+    for _, row in df.iterrows():
+        u = ranked["utility"].sel(regimen=ranked["label"] == row["regimen"]).values.ravel()
+        assert row["utility_mcse"] == pytest.approx(np.std(u, ddof=1) / np.sqrt(n))
+        assert row["p_doris_12m_median_mcse"] >= 0.0
+    assert bool(df["tied_with_top"].iloc[0])  # the top regimen is tied with itself
+    top = ranked["utility"].sel(regimen=ranked["label"] == df["regimen"].iloc[0]).values.ravel()
+    for _, row in df.iloc[1:].iterrows():
+        u = ranked["utility"].sel(regimen=ranked["label"] == row["regimen"]).values.ravel()
+        assert bool(row["tied_with_top"]) == bool(np.quantile(top - u, 0.05) <= 0.0)
+    statement = tie_statement(df)
+    assert (statement != "") == (int(df["tied_with_top"].sum()) >= 2)
+
+
+def test_tie_statement_names_the_indistinguishable_regimens():
+    table = pd.DataFrame({"regimen": ["A", "B", "C"], "tied_with_top": [True, True, False]})
+    text = tie_statement(table)
+    assert "top 2 regimens cannot be told apart (A, B)" in text
+    assert tie_statement(table.assign(tied_with_top=[True, False, False])) == ""
 
 
 def test_more_cells_deplete_at_least_as_deeply(ranked):

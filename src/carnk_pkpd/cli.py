@@ -705,7 +705,7 @@ def doses_cmd(
     from rich import box
     from rich.table import Table
 
-    from carnk_pkpd.doses import ranking_table
+    from carnk_pkpd.doses import ranking_table, tie_statement
 
     syn = "SYNTHETIC — " if fit.synthetic else ""
     table = Table(title=f"{syn}top regimens", box=box.SIMPLE_HEAD, pad_edge=False)
@@ -722,7 +722,8 @@ def doses_cmd(
     wide = console.width >= 120  # intervals fit beside the medians; at 80 columns medians only
     for name, key in cols:
         table.add_column(name, no_wrap=key == "regimen", justify="left" if key == "regimen" else "right")
-    df = ranking_table(ds).head(top)
+    full = ranking_table(ds)
+    df = full.head(top)
     for _, row in df.iterrows():
         cells = []
         for _, key in cols:
@@ -741,6 +742,12 @@ def doses_cmd(
         + " over posterior draws; DA≥target = P(aplasia lasts at least "
         f"--da-target days); Cmax>thr = P(CAR-NK Cmax > --cmax-threshold); {ds.attrs['utility']}"
     )
+    console.print(
+        "Monte Carlo error: every median has a *_median_mcse column in ranking.csv, P(best) p_best_mcse"
+    )
+    tie = tie_statement(full)
+    if tie:
+        console.print(f"[yellow]{tie}[/yellow]")
     console.print(f"remission: {ds.attrs['remission_source']}")
     console.print(f"wrote {dest}/ranking.csv and plots" + (" (SYNTHETIC fit)" if fit.synthetic else ""))
 

@@ -722,12 +722,31 @@ def run_search(
             cluster.close()
 
 
+def quantile_mcse(x: np.ndarray, q: float) -> float:
+    """Monte Carlo standard error of the ``q`` quantile of independent draws ``x``: half the distance
+    between the quantiles at ``q ± sqrt(q(1 − q)/n)`` (the binomial order-statistic interval of ±1 SE).
+    The dose search's draws are posterior draws chosen at random from the fit, each with its own
+    virtual patients, so they are treated as independent (ESS = number of draws)."""
+    x = np.asarray(x, float)
+    n = x.size
+    if n < 2:
+        return float("nan")
+    d = np.sqrt(q * (1.0 - q) / n)
+    lo, hi = np.quantile(x, [max(q - d, 0.0), min(q + d, 1.0)])
+    return float((hi - lo) / 2.0)
+
+
 def ranking_table(ds: xr.Dataset):
-    """One row per regimen, best utility first: the regimen, each quantity's q05/median/q95, P(best),
-    the utility (median over draws, with q05/q95) and its rank."""
+    """One row per regimen, best utility first: the regimen, each quantity's q05/median/q95 and the
+    Monte Carlo standard error of its median (``*_median_mcse``), P(best) with its MCSE
+    (``sqrt(P(1 − P)/draws)``), the utility (mean over draws, with q05/q95 and MCSE ``SD/sqrt(draws)``),
+    its rank, and ``tied_with_top``: True when the draw-by-draw utility difference to the top regimen
+    (the same virtual patients for every regimen) has a 90% interval that includes 0, i.e. the search
+    cannot tell this regimen from the top one."""
     import pandas as pd
 
     rows = []
+    n_draws = ds.sizes.get("draw", 1)
     for i in range(ds.sizes["regimen"]):
         r = ds.isel(regimen=i)
         row: dict[str, Any] = dict(
@@ -740,20 +759,45 @@ def ranking_table(ds: xr.Dataset):
         )
         for n in SUMMARY_VARS:
             if n in ds:
-                q = np.quantile(r[n].values, [0.05, 0.5, 0.95])
+                v = r[n].values
+                q = np.quantile(v, [0.05, 0.5, 0.95])
                 row.update({f"{n}_q05": q[0], f"{n}_median": q[1], f"{n}_q95": q[2]})
-        row["p_best"] = float(r["p_best"])
-        u = np.quantile(r["utility"].values, [0.05, 0.5, 0.95])
+                row[f"{n}_median_mcse"] = quantile_mcse(v, 0.5)
+        pb = float(r["p_best"])
+        row["p_best"] = pb
+        row["p_best_mcse"] = float(np.sqrt(pb * (1.0 - pb) / n_draws))
+        uv = r["utility"].values
+        u = np.quantile(uv, [0.05, 0.5, 0.95])
         row.update(
-            utility=float(np.mean(r["utility"].values)),
+            utility=float(np.mean(uv)),
+            utility_mcse=float(np.std(uv, ddof=1) / np.sqrt(uv.size)) if uv.size > 1 else float("nan"),
             utility_q05=u[0],
             utility_median=u[1],
             utility_q95=u[2],
         )
         rows.append(row)
     df = pd.DataFrame(rows).sort_values(["utility", "p_best"], ascending=False, kind="stable")
+    top = ds["utility"].isel(regimen=int(df.index[0])).values
+    tied = []
+    for i in df.index:
+        diff = top - ds["utility"].isel(regimen=int(i)).values
+        tied.append(bool(np.quantile(diff, 0.05) <= 0.0))
+    df["tied_with_top"] = tied
     df.insert(0, "rank", np.arange(1, len(df) + 1))
     return df.reset_index(drop=True)
+
+
+def tie_statement(table: Any) -> str:
+    """A plain sentence when the top regimens cannot be told apart (``tied_with_top``), else ''."""
+    tied = table[table["tied_with_top"]]
+    if len(tied) < 2:
+        return ""
+    names = ", ".join(tied["regimen"].astype(str).head(8)) + (", ..." if len(tied) > 8 else "")
+    return (
+        f"The top {len(tied)} regimens cannot be told apart ({names}): for each, the 90% interval of its "
+        "utility difference to the top regimen (same virtual patients) includes 0. Rank them on other "
+        "grounds, or run more draws and patients (--draws, --patients)."
+    )
 
 
 def describe(ds: xr.Dataset) -> str:
