@@ -47,6 +47,7 @@ Units: TIME in days since the first infusion; DV, PRED and percentiles in each D
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -54,6 +55,9 @@ import pandas as pd
 import xarray as xr
 
 __all__ = [
+    "EVALUATION_FILES",
+    "evaluation_folder",
+    "write_evaluation",
     "nominal_day",
     "npde",
     "npde_tests",
@@ -143,7 +147,11 @@ def replicates_dataset(
     dims = ("replicate", "record")
     return xr.Dataset(
         {
-            "y": (dims, y, {"long_name": "simulated observation of a new subject (uncensored), record's unit"}),
+            "y": (
+                dims,
+                y,
+                {"long_name": "simulated observation of a new subject (uncensored), record's unit"},
+            ),
             "blq": (dims, y < lloq[None, :], {"long_name": "simulated value below the record's LLOQ"}),
         },
         coords={
@@ -394,7 +402,11 @@ def npde_tests(df: pd.DataFrame) -> pd.DataFrame:
         var = float(np.var(x, ddof=1)) if n > 1 else np.nan
         t_p = float(stats.ttest_1samp(x, 0.0).pvalue) if n > 1 else np.nan
         chi = (n - 1) * var
-        f_p = float(min(1.0, 2 * min(stats.chi2.cdf(chi, n - 1), stats.chi2.sf(chi, n - 1)))) if n > 1 else np.nan
+        f_p = (
+            float(min(1.0, 2 * min(stats.chi2.cdf(chi, n - 1), stats.chi2.sf(chi, n - 1))))
+            if n > 1
+            else np.nan
+        )
         sw_p = float(stats.shapiro(x[:5000]).pvalue) if n >= 3 else np.nan
         rows.append(
             {
@@ -409,3 +421,56 @@ def npde_tests(df: pd.DataFrame) -> pd.DataFrame:
             }
         )
     return pd.DataFrame(rows)
+
+
+# --- files ---------------------------------------------------------------------------------------------
+EVALUATION_FILES = ("vpc.csv", "vpc.png", "npde.csv", "npde_tests.csv", "npde.png")
+
+
+def evaluation_folder(fit: Any, out: str | Path | None = None) -> Path:
+    """The folder ``carnk-pkpd vpc`` writes to: ``out``, or ``<fit>/vpc/`` by default."""
+    if out is None:
+        if fit.path is None:
+            raise ValueError("the fit has no folder; give an output folder")
+        return Path(fit.path) / "vpc"
+    return Path(out)
+
+
+def write_evaluation(
+    fit: Any,
+    out: str | Path | None = None,
+    *,
+    n_replicates: int = 500,
+    seed: int = 0,
+    pc: bool = False,
+    by_dose_level: bool = False,
+) -> tuple[list[Path], pd.DataFrame]:
+    """Simulate ``n_replicates`` replicates of new subjects at the fit's design and write the VPC
+    (``pc``: pcVPC; ``by_dose_level``: one panel per dose level) and NPDE tables and figures.
+
+    The output rule of :mod:`carnk_pkpd.atomic` applies (a new folder is created whole; in an existing
+    one only new names or this command's own earlier files are replaced), files go through a
+    temporary folder. Returns the written paths and the NPDE tests per DVID.
+    """
+    from carnk_pkpd import plots
+    from carnk_pkpd.atomic import check_output_files, output_files
+    from carnk_pkpd.provenance import provenance_lines, write_csv
+
+    dest = evaluation_folder(fit, out)
+    check_output_files(dest, EVALUATION_FILES, command="vpc")
+    reps = simulate_replicates(fit, n_replicates, seed)
+    table = vpc_table(reps, pc=pc, by_dose_level=by_dose_level)
+    nd = npde(reps, seed)
+    tests = npde_tests(nd)
+    synthetic = bool(getattr(fit, "synthetic", False))
+    opts = f" --replicates {n_replicates} --seed {seed}" + (" --pc" if pc else "")
+    opts += " --by-dose-level" if by_dose_level else ""
+    lines = provenance_lines(fit, command="vpc" + opts)
+    with output_files(dest, command="vpc", kind="vpc") as tmp:
+        write_csv(table, tmp / "vpc.csv", lines)
+        write_csv(nd, tmp / "npde.csv", lines)
+        write_csv(tests, tmp / "npde_tests.csv", lines)
+        (tmp / "vpc.png").write_bytes(plots.png_bytes(plots.vpc_bands(table, synthetic)))
+        (tmp / "npde.png").write_bytes(plots.png_bytes(plots.npde_panels(nd, tests, synthetic)))
+        names = sorted(p.name for p in tmp.iterdir() if not p.name.startswith("."))
+    return [dest / n for n in names], tests
