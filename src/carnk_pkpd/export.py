@@ -238,7 +238,9 @@ def subject_table(fit: Any, n_draws: int = 50, seed: int = 0) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
-def sdtab(fit: Any, n_draws: int = 200, seed: int = 0, ppc: xr.Dataset | None = None) -> pd.DataFrame:
+def sdtab(
+    fit: Any, n_draws: int = 200, seed: int = 0, ppc: xr.Dataset | None = None, npde_replicates: int = 500
+) -> pd.DataFrame:
     """NONMEM sdtab-like table, one row per concentration record.
 
     ``ID, TIME (days), DVID, DV, BLQ, LLOQ`` (record units), ``PRED`` (typical-value prediction, eta = 0,
@@ -252,6 +254,11 @@ def sdtab(fit: Any, n_draws: int = 200, seed: int = 0, ppc: xr.Dataset | None = 
     df["PRED"] = population_predictions(fit).values
     df["IPRED"] = np.median(ppc["IPRED"].values, axis=0)
     df["NPDE"] = npde(ppc, seed).values
+    # real NPDE: new subjects at the observed design, decorrelated (carnk_pkpd.evaluation.npde)
+    from carnk_pkpd.evaluation import npde as real_npde
+    from carnk_pkpd.evaluation import simulate_replicates
+
+    df["NPDE"] = real_npde(simulate_replicates(fit, npde_replicates, seed), seed)["npde"].to_numpy()
     return df
 
 
