@@ -205,3 +205,29 @@ def test_simulate_replicates_uses_the_observed_design(world):
     assert np.all(np.isfinite(reps["PRED"].values)) and set(reps["DL"].values) <= set(
         world["cohort"].dose_levels
     )
+
+
+def test_vpc_command_writes_its_files_and_refuses_a_file_as_folder(small_fit, tmp_path):
+    """``carnk-pkpd vpc`` on the short fit (few replicates: a smoke test of the wiring, not of NPDE)."""
+    from typer.testing import CliRunner
+
+    from carnk_pkpd.cli import app
+
+    runner = CliRunner()
+    out = tmp_path / "vpc"
+    res = runner.invoke(app, ["vpc", str(small_fit.path), "--out", str(out), "--replicates", "20", "--pc"])
+    assert res.exit_code == 0, res.output
+    assert {p.name for p in out.iterdir() if not p.name.startswith(".")} >= {
+        "vpc.csv",
+        "vpc.png",
+        "npde.csv",
+        "npde_tests.csv",
+        "npde.png",
+    }
+    assert "SYNTHETIC" in res.output and "variance" in res.output
+    table = pd.read_csv(out / "vpc.csv", comment="#")
+    assert {"obs_p50", "sim_p50_lo", "sim_p50_hi", "blq_obs", "blq_sim_hi"} <= set(table.columns)
+    blocker = tmp_path / "a_file"
+    blocker.write_text("x")
+    res = runner.invoke(app, ["vpc", str(small_fit.path), "--out", str(blocker), "--replicates", "2"])
+    assert res.exit_code == 1 and "not a folder" in res.output

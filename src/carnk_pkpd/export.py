@@ -239,7 +239,12 @@ def subject_table(fit: Any, n_draws: int = 50, seed: int = 0) -> pd.DataFrame:
 
 
 def sdtab(
-    fit: Any, n_draws: int = 200, seed: int = 0, ppc: xr.Dataset | None = None, npde_replicates: int = 500
+    fit: Any,
+    n_draws: int = 200,
+    seed: int = 0,
+    ppc: xr.Dataset | None = None,
+    npde_replicates: int = 500,
+    replicates: xr.Dataset | None = None,
 ) -> pd.DataFrame:
     """NONMEM sdtab-like table, one row per concentration record.
 
@@ -258,7 +263,8 @@ def sdtab(
     from carnk_pkpd.evaluation import npde as real_npde
     from carnk_pkpd.evaluation import simulate_replicates
 
-    df["NPDE"] = real_npde(simulate_replicates(fit, npde_replicates, seed), seed)["npde"].to_numpy()
+    reps = simulate_replicates(fit, npde_replicates, seed) if replicates is None else replicates
+    df["NPDE"] = real_npde(reps, seed)["npde"].to_numpy()
     return df
 
 

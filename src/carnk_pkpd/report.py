@@ -57,12 +57,16 @@ def render_report(fit: Any, n_draws: int = 100, seed: int = 0) -> str:
     """The report as an HTML string (see the module docstring for its sections)."""
     from carnk_pkpd import plots
     from carnk_pkpd.export import parameter_table, sdtab, subject_table
-    from carnk_pkpd.predictive import individual_curves, population_predictions, posterior_predictive
+    from carnk_pkpd.predictive import individual_curves, posterior_predictive
 
     syn = fit.synthetic
     ppc = posterior_predictive(fit, n_draws, seed)
-    sd = sdtab(fit, n_draws, seed, ppc=ppc)
-    pred = population_predictions(fit).values
+    from carnk_pkpd.evaluation import npde, npde_tests, simulate_replicates, vpc_table
+
+    reps = simulate_replicates(fit, 500, seed)  # new subjects at the observed design (VPC, NPDE)
+    sd = sdtab(fit, n_draws, seed, ppc=ppc, replicates=reps)
+    nd = npde(reps, seed)
+    nd_tests = npde_tests(nd)
     par = parameter_table(fit)
     subj = subject_table(fit, min(n_draws, 50), seed)
     curves = individual_curves(fit, min(n_draws, 50), seed)
@@ -118,14 +122,21 @@ def render_report(fit: Any, n_draws: int = 100, seed: int = 0) -> str:
     parts.append(_section(
         "gof", "Goodness of fit",
         "<p>PRED: typical-value prediction (η = 0, posterior-median parameters). IPRED: posterior median of "
-        "the individual prediction. NPDE-like: Φ⁻¹ of the posterior-predictive probability of DV (BLQ records "
-        "imputed uniformly below P(y<sub>rep</sub> &lt; LLOQ); no within-subject decorrelation).</p>"
+        "the individual prediction. NPDE: from replicates of new subjects, decorrelated within subject (see "
+        "the VPC section).</p>"
         + _img(plots.png_bytes(plots.gof(sd, syn)), "goodness of fit"),
     ))  # fmt: skip
     parts.append(_section(
-        "vpc", "Visual predictive checks",
-        "<h3>VPC</h3>" + _img(plots.png_bytes(plots.vpc(ppc, None, syn)), "VPC")
-        + "<h3>Prediction-corrected VPC</h3>" + _img(plots.png_bytes(plots.vpc(ppc, pred, syn)), "pcVPC"),
+        "vpc", "Visual predictive checks and NPDE",
+        "<p>500 replicates of NEW subjects (η from Ω, one per posterior draw) at each subject's observed "
+        "design, censored at each record's LLOQ. Bins: nominal sampling days; BLQ values ranked below the "
+        "LLOQ; pcVPC after Bergstrand et al. (2011). NPDE: decorrelated within subject (Brendel 2006, "
+        "Comets 2008; BLQ as randomised ranks on the censored scale).</p>"
+        "<h3>VPC</h3>" + _img(plots.png_bytes(plots.vpc_bands(vpc_table(reps), syn)), "VPC")
+        + "<h3>Prediction-corrected VPC</h3>"
+        + _img(plots.png_bytes(plots.vpc_bands(vpc_table(reps, pc=True), syn)), "pcVPC")
+        + "<h3>NPDE</h3>" + _table(nd_tests)
+        + _img(plots.png_bytes(plots.npde_panels(nd, nd_tests, syn)), "NPDE"),
     ))  # fmt: skip
     parts.append(_section(
         "individual", "Individual fits",
