@@ -231,3 +231,30 @@ def test_vpc_command_writes_its_files_and_refuses_a_file_as_folder(small_fit, tm
     blocker.write_text("x")
     res = runner.invoke(app, ["vpc", str(small_fit.path), "--out", str(blocker), "--replicates", "2"])
     assert res.exit_code == 1 and "not a folder" in res.output
+
+
+def test_vpc_strata_follow_the_dose_level():
+    """--by-dose-level: one set of bins per dose level, each from its own records only."""
+    from carnk_pkpd.evaluation import vpc_table
+
+    y = np.array([[1.0, 2.0, 10.0, 20.0]] * 3)
+    reps = xr.Dataset(
+        {"y": (("replicate", "record"), y), "blq": (("replicate", "record"), np.zeros_like(y, bool))},
+        coords={
+            "ID": ("record", list("abcd")),
+            "TIME": ("record", [14.0, 14.2, 13.9, 14.0]),
+            "DVID": ("record", [1] * 4),
+            "DV": ("record", [1.0, 2.0, 10.0, 20.0]),
+            "BLQ": ("record", [0] * 4),
+            "LLOQ": ("record", [0.1] * 4),
+            "PRED": ("record", [1.0] * 4),
+            "DL": ("record", ["1", "1", "4", "4"]),
+        },
+    )
+    pooled = vpc_table(reps)
+    split = vpc_table(reps, by_dose_level=True).set_index("stratum")
+    assert len(pooled) == 1 and pooled["n"].iloc[0] == 4 and pooled["stratum"].iloc[0] == "all"
+    assert split.loc["1", "obs_p50"] == pytest.approx(1.5) and split.loc["4", "obs_p50"] == pytest.approx(
+        15.0
+    )
+    assert (split["bin"] == 14.0).all() and (split["n"] == 2).all()
