@@ -189,6 +189,7 @@ def test_sdtab_columns_and_rows(fit_copy):
         "IPRED",
         "IWRES",
         "PDE_FITTED",
+        "NPDE",
     ]
     assert list(sd.columns) == base + ["ETA1", "ETA2", "ETA3", "ETA4"]
     assert sd.attrs["eta_names"] == {"ETA1": "f_bl", "ETA2": "k_rej", "ETA3": "B0", "ETA4": "MTT"}
@@ -244,7 +245,7 @@ def test_each_format_readable(fit_copy, tmp_path, fmt):
         text = (tmp_path / fmt / "sdtab.csv").read_text(encoding="utf-8")
         assert re.search(r"^# ETA columns .*ETA1=f_bl", text, re.M)
         sdt = pd.read_csv(tmp_path / fmt / "sdtab.csv", comment="#")
-        assert {"EVID", "MDV", "AMT", "IWRES", "PDE_FITTED", "ETA1"} <= set(sdt.columns) and "NPDE" not in sdt
+        assert {"EVID", "MDV", "AMT", "IWRES", "PDE_FITTED", "NPDE", "ETA1"} <= set(sdt.columns)
         for f in ("parameters.csv", "sdtab.csv", "ext.csv"):  # 6 significant digits, not 17
             body = (tmp_path / fmt / f).read_text(encoding="utf-8")
             assert _max_significant_digits(body) <= 6, f

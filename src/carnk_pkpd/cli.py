@@ -1050,6 +1050,54 @@ def _interrupted(command: str) -> None:
     os._exit(130)
 
 
+@app.command("vpc")
+def vpc_cmd(
+    fit_dir: str = typer.Argument(..., metavar="FIT", help="Fit folder written by 'carnk-pkpd fit'."),
+    out: str | None = typer.Option(
+        None, "--out", help="Output folder (default FIT/vpc/; created if missing)."
+    ),
+    by_dose_level: bool = typer.Option(False, "--by-dose-level", help="One VPC panel per dose level."),
+    pc: bool = typer.Option(False, "--pc", help="Prediction-corrected VPC (Bergstrand et al. 2011)."),
+    n_replicates: int = typer.Option(
+        500, "--replicates", min=2, help="Replicates of new subjects (>= 500 for NPDE)."
+    ),
+    seed: int = typer.Option(0, "--seed", help="Seed of the replicates and of BLQ randomised ranks."),
+) -> None:
+    """VPC (or pcVPC) and NPDE from replicates of NEW subjects at each subject's observed design.
+
+    Writes vpc.csv/vpc.png, npde.csv/npde_tests.csv/npde.png into FIT/vpc/ by default and prints the
+    NPDE test of mean 0 / variance 1 per DVID.
+    """
+    from rich.console import Console
+
+    from carnk_pkpd.atomic import check_output_files
+    from carnk_pkpd.errors import OutputRefused
+    from carnk_pkpd.evaluation import EVALUATION_FILES, evaluation_folder, write_evaluation
+
+    fit = _load_fit_or_exit(fit_dir)
+    console = Console(stderr=True)
+    try:
+        check_output_files(evaluation_folder(fit, out), EVALUATION_FILES, command="vpc")
+        with _warnings_table(), _step(console, f"simulating {n_replicates} replicates of new subjects"):
+            paths, tests = write_evaluation(
+                fit, out, n_replicates=n_replicates, seed=seed, pc=pc, by_dose_level=by_dose_level
+            )
+    except OutputRefused as exc:
+        raise _fail(str(exc), 1) from None
+    except OSError as exc:
+        raise _fail(
+            f"could not write the VPC of {fit_dir}: {exc.filename or ''} {exc.strerror or exc}", 1
+        ) from None
+    except ValueError as exc:
+        raise _fail(f"could not compute the VPC of {fit_dir}: {exc}", 1) from None
+    if fit.synthetic:
+        typer.echo("SYNTHETIC data: the VPC and NPDE describe simulated patients.")
+    typer.echo("NPDE per DVID (expected mean 0, variance 1):")
+    typer.echo(tests.to_string(index=False, float_format=lambda v: f"{v:.3g}"))
+    for p in paths:
+        typer.echo(f"wrote {p}")
+
+
 def main() -> None:
     """Console-script entry point: exit 130 with one line on Ctrl-C; one line, not a traceback, for an
     error nobody anticipated (set CARNK_PKPD_DEBUG=1 to see the traceback)."""

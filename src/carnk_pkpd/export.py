@@ -376,7 +376,7 @@ def subject_table(fit: Any, n_draws: int = 50, seed: int = 0) -> pd.DataFrame:
 
 
 SDTAB_COLUMNS = ["ID", "TIME", "EVID", "MDV", "AMT", "DVID", "DV", "BLQ", "LLOQ", "PRED", "IPRED", "IWRES",
-                 "PDE_FITTED"]  # fmt: skip
+                 "PDE_FITTED", "NPDE"]  # fmt: skip
 
 
 def _residual_sd_median(fit: Any, post: xr.Dataset, name: str, fixed: float) -> float:
@@ -419,14 +419,24 @@ def _etas(fit: Any) -> tuple[pd.DataFrame, list[str]]:
     return pd.DataFrame(cols), names
 
 
-def sdtab(fit: Any, n_draws: int = 200, seed: int = 0, ppc: xr.Dataset | None = None) -> pd.DataFrame:
+def sdtab(
+    fit: Any,
+    n_draws: int = 200,
+    seed: int = 0,
+    ppc: xr.Dataset | None = None,
+    npde_replicates: int = 500,
+    replicates: xr.Dataset | None = None,
+) -> pd.DataFrame:
     """NONMEM sdtab-like table in the cohort's record order: the fitted concentration records (EVID 0)
     and the dosing and lymphodepletion records (EVID 1, 2; MDV 1, no predictions).
 
     Columns ``ID, TIME`` (days), ``EVID, MDV, AMT`` (10^9 cells), ``DVID, DV, BLQ, LLOQ`` (record
     units), ``PRED`` (typical-value prediction, eta = 0, posterior-median parameters), ``IPRED``
     (posterior median of the individual prediction), ``IWRES`` (individual weighted residual, see the
-    module docstring; empty for BLQ records), ``PDE_FITTED`` and ``ETA1``… ``ETAn``.
+    module docstring; empty for BLQ records), ``PDE_FITTED``, ``NPDE`` and ``ETA1``… ``ETAn``.
+
+    ``NPDE`` is the real NPDE (:func:`carnk_pkpd.evaluation.npde`): ``npde_replicates`` replicates of
+    NEW subjects at the observed design (or the given ``replicates``), decorrelated within subject.
 
     ``PDE_FITTED`` is NOT an NPDE: it is Φ⁻¹ of the posterior-predictive probability of DV computed from
     replicates of the *fitted* subjects (their own individual parameters; no new subjects are drawn,
@@ -445,6 +455,11 @@ def sdtab(fit: Any, n_draws: int = 200, seed: int = 0, ppc: xr.Dataset | None = 
     obs["IPRED"] = np.median(ppc["IPRED"].values, axis=0)
     obs["IWRES"] = individual_weighted_residuals(fit, obs)
     obs["PDE_FITTED"] = npde(ppc, seed).values
+    from carnk_pkpd.evaluation import npde as real_npde
+    from carnk_pkpd.evaluation import simulate_replicates
+
+    reps = simulate_replicates(fit, npde_replicates, seed) if replicates is None else replicates
+    obs["NPDE"] = real_npde(reps, seed)["npde"].to_numpy()
     obs["EVID"], obs["MDV"], obs["AMT"] = 0, 0, 0.0
 
     full = fit.cohort.to_dataframe()

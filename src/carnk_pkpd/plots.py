@@ -259,3 +259,103 @@ def shrinkage_bar(table: pd.DataFrame, synthetic: bool = False) -> Figure:
     ax.set_title(_title("η-shrinkage per BSV parameter (dashed: 30%)", synthetic), fontsize=9)
     fig.tight_layout()
     return fig
+
+
+# --- simulation-based evaluation (carnk_pkpd.evaluation) ---------------------------------------------
+def vpc_bands(table: pd.DataFrame, synthetic: bool = False) -> Figure:
+    """VPC / pcVPC from :func:`carnk_pkpd.evaluation.vpc_table`: one row per DVID and stratum.
+
+    Left: observed 5th/50th/95th percentiles (points and lines) against the replicates' 90% interval
+    of each percentile (shaded), log y axis, LLOQ dashed; a percentile below the LLOQ is not drawn.
+    Right: observed fraction BLQ against the replicates' 90% interval. Bins = nominal sampling days.
+    """
+    pc = bool(table.attrs.get("pc", False))
+    kind = "pcVPC (prediction-corrected)" if pc else "VPC"
+    keys = list(table[["DVID", "stratum"]].drop_duplicates().itertuples(index=False, name=None))
+    fig, axes = plt.subplots(len(keys), 2, figsize=(13, 3.8 * len(keys)), squeeze=False,
+                             gridspec_kw={"width_ratios": [3, 1.3]})  # fmt: skip
+    styles = {
+        "p05": ("tab:blue", "--", "5th"),
+        "p50": ("tab:red", "-", "50th"),
+        "p95": ("tab:blue", ":", "95th"),
+    }
+    for row, (dvid, stratum) in enumerate(keys):
+        g = table[(table["DVID"] == dvid) & (table["stratum"] == stratum)].sort_values("bin")
+        t = g["TIME"].to_numpy()
+        a = axes[row, 0]
+        for tag, (color, ls, label) in styles.items():
+            lo, hi = g[f"sim_{tag}_lo"].to_numpy(), g[f"sim_{tag}_hi"].to_numpy()
+            lo_draw = np.where(np.isnan(lo), g["LLOQ"].to_numpy(), lo)
+            a.fill_between(t, lo_draw, hi, color=color, alpha=0.18 if tag != "p50" else 0.25, lw=0,
+                           label=f"simulated {label} pct, 90% interval")  # fmt: skip
+            a.plot(
+                t, g[f"obs_{tag}"], color=color, ls=ls, marker="o", ms=3, label=f"observed {label} percentile"
+            )
+        a.plot(t, g["LLOQ"], color="grey", ls="--", lw=1, label="LLOQ")
+        a.set_yscale("log")
+        a.set_xlabel("time (days since first infusion)")
+        unit = DVID_LABEL.get(int(dvid), f"DVID {dvid}")
+        a.set_ylabel(("prediction-corrected " if pc else "") + unit)
+        strat = "" if stratum == "all" else f", dose level {stratum}"
+        a.set_title(_title(f"{kind}: {unit}{strat}", synthetic), fontsize=9)
+        a.legend(fontsize=6, ncol=2, loc="best")
+        b = axes[row, 1]
+        b.fill_between(t, g["blq_sim_lo"], g["blq_sim_hi"], color="grey", alpha=0.3, lw=0,
+                       label="simulated 90% interval")  # fmt: skip
+        b.plot(t, g["blq_obs"], "ko-", ms=3, label="observed")
+        b.set_ylim(-0.02, 1.02)
+        b.set_xlabel("time (days since first infusion)")
+        b.set_ylabel("fraction below LLOQ")
+        b.set_title("BLQ fraction", fontsize=9)
+        b.legend(fontsize=7)
+    fig.tight_layout()
+    return fig
+
+
+def npde_panels(df: pd.DataFrame, tests: pd.DataFrame | None = None, synthetic: bool = False) -> Figure:
+    """NPDE diagnostics from :func:`carnk_pkpd.evaluation.npde`, one row per DVID: QQ plot against
+    N(0, 1), NPDE vs time and NPDE vs PRED (BLQ records hollow), with mean/variance in the title."""
+    dvids = sorted(df["DVID"].unique().tolist())
+    fig, axes = plt.subplots(len(dvids), 3, figsize=(14, 3.8 * len(dvids)), squeeze=False)
+    from scipy.stats import norm
+
+    for row, dvid in enumerate(dvids):
+        g = df[df["DVID"] == dvid]
+        z = g["npde"].to_numpy(float)
+        c = DVID_COLOR.get(int(dvid), "k")
+        label = DVID_LABEL.get(int(dvid), f"DVID {dvid}")
+        stats = ""
+        if tests is not None and (tests["DVID"] == dvid).any():
+            r = tests[tests["DVID"] == dvid].iloc[0]
+            stats = f" mean {r['mean']:.2f}, var {r['variance']:.2f}, global p {r['global_p']:.2g}"
+        a = axes[row, 0]
+        q = norm.ppf((np.arange(1, z.size + 1) - 0.5) / max(z.size, 1))
+        a.scatter(q, np.sort(z), s=8, color=c, label="NPDE")
+        a.plot([-3.5, 3.5], [-3.5, 3.5], "k--", lw=1, label="N(0, 1)")
+        a.set_xlabel("theoretical N(0, 1) quantile")
+        a.set_ylabel("NPDE quantile")
+        a.set_title(_title(f"{label}: QQ{stats}", synthetic), fontsize=9)
+        a.legend(fontsize=7)
+        blq = g["BLQ"].to_numpy() == 1
+        for k, (col, xlabel, log) in enumerate(
+            (
+                ("TIME", "time (days since first infusion)", False),
+                ("PRED", f"PRED ({label}; < 1e-3 shown at 1e-3)", True),
+            )
+        ):
+            a = axes[row, k + 1]
+            x = g[col].to_numpy(float)
+            if log:  # PRED is 0 before the first infusion and tiny after rejection: shown at 1e-3
+                x = np.maximum(x, 1e-3)
+            a.scatter(x[~blq], z[~blq], s=10, color=c, alpha=0.7, label="measured")
+            a.scatter(x[blq], z[blq], s=12, facecolors="none", edgecolors=c, label="BLQ (randomised rank)")
+            for yv in (-1.96, 0, 1.96):
+                a.axhline(yv, color="grey", ls="--" if yv else "-", lw=1)
+            if log:
+                a.set_xscale("log")
+            a.set_xlabel(xlabel)
+            a.set_ylabel("NPDE")
+            a.set_title(f"NPDE vs {col}", fontsize=9)
+            a.legend(fontsize=7)
+    fig.tight_layout()
+    return fig

@@ -56,15 +56,18 @@ def _section(sid: str, title: str, body: str) -> str:
 def render_report(fit: Any, n_draws: int = 100, seed: int = 0) -> str:
     """The report as an HTML string (see the module docstring for its sections)."""
     from carnk_pkpd import plots
+    from carnk_pkpd.evaluation import npde, npde_tests, simulate_replicates, vpc_table
     from carnk_pkpd.export import parameter_table, sdtab, subject_table
-    from carnk_pkpd.predictive import individual_curves, population_predictions, posterior_predictive
+    from carnk_pkpd.predictive import individual_curves, posterior_predictive
 
     syn = fit.synthetic
     ppc = posterior_predictive(fit, n_draws, seed)
-    sd = sdtab(fit, n_draws, seed, ppc=ppc)
+    reps = simulate_replicates(fit, 500, seed)  # new subjects at the observed design (VPC, NPDE)
+    sd = sdtab(fit, n_draws, seed, ppc=ppc, replicates=reps)
     par = parameter_table(fit, sdtab_df=sd)
     sd = sd[sd["EVID"] == 0]  # the fitted concentration records (the sdtab also lists dosing records)
-    pred = population_predictions(fit).values
+    nd = npde(reps, seed)
+    nd_tests = npde_tests(nd)
     subj = subject_table(fit, min(n_draws, 50), seed)
     curves = individual_curves(fit, min(n_draws, 50), seed)
     name = Path(fit.path).name if fit.path is not None else "fit"
@@ -127,9 +130,16 @@ def render_report(fit: Any, n_draws: int = 100, seed: int = 0) -> str:
         + _img(plots.png_bytes(plots.gof(sd, syn)), "goodness of fit"),
     ))  # fmt: skip
     parts.append(_section(
-        "vpc", "Visual predictive checks",
-        "<h3>VPC</h3>" + _img(plots.png_bytes(plots.vpc(ppc, None, syn)), "VPC")
-        + "<h3>Prediction-corrected VPC</h3>" + _img(plots.png_bytes(plots.vpc(ppc, pred, syn)), "pcVPC"),
+        "vpc", "Visual predictive checks and NPDE",
+        "<p>500 replicates of NEW subjects (η from Ω, one per posterior draw) at each subject's observed "
+        "design, censored at each record's LLOQ. Bins: nominal sampling days; BLQ values ranked below the "
+        "LLOQ; pcVPC after Bergstrand et al. (2011). NPDE: decorrelated within subject (Brendel 2006, "
+        "Comets 2008; BLQ as randomised ranks on the censored scale).</p>"
+        "<h3>VPC</h3>" + _img(plots.png_bytes(plots.vpc_bands(vpc_table(reps), syn)), "VPC")
+        + "<h3>Prediction-corrected VPC</h3>"
+        + _img(plots.png_bytes(plots.vpc_bands(vpc_table(reps, pc=True), syn)), "pcVPC")
+        + "<h3>NPDE</h3>" + _table(nd_tests)
+        + _img(plots.png_bytes(plots.npde_panels(nd, nd_tests, syn)), "NPDE"),
     ))  # fmt: skip
     parts.append(_section(
         "individual", "Individual fits",
