@@ -16,6 +16,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
+import xarray as xr
 from typer.testing import CliRunner
 
 from carnk_pkpd.cli import app
@@ -160,15 +161,18 @@ def test_deleting_the_marker_keeps_the_fit_usable(base, tmp_path):
 
 
 @pytest.mark.parametrize("keep", [0.0, 0.3])
-def test_truncated_remission_cache_gives_a_message(base, tmp_path, keep):
+def test_truncated_remission_cache_is_refitted_with_a_message(base, tmp_path, keep):
+    # remission.nc is the commands' own cache: a damaged one is said so, fitted again and replaced
     folder = tmp_path / "fit"
     shutil.copytree(base, folder)
     (folder / "remission.nc").write_bytes(b"\x89HDF\r\n\x1a\n" + b"\x00" * 200 if keep else b"")
     res = CliRunner().invoke(app, ["doses", str(folder), "--workers", "0", "--draws", "2", "--patients", "2",
                                    "--grid", "1:3:3", "--out", str(tmp_path / "d")])  # fmt: skip
-    _clean(res)
-    assert "remission.nc" in res.output and "carnk-pkpd predict" in res.output
-    assert not (tmp_path / "d").exists()
+    _clean(res, allowed=(0,))
+    assert "remission.nc" in res.output and "fitted again" in res.output
+    assert (tmp_path / "d" / "ranking.csv").exists()
+    with xr.open_dataset(folder / "remission.nc", engine="netcdf4") as f:  # the cache is whole again
+        assert "theta1" in f
 
 
 GRIDS: dict[str, Callable[[Path], str]] = {

@@ -8,6 +8,8 @@ import pandas as pd
 import pytest
 from scipy import stats
 
+from carnk_pkpd.atomic import MARKER
+
 
 def test_rank_counts_thinned_draws_below_truth():
     from carnk_pkpd.sbc import rank_of
@@ -44,7 +46,7 @@ def test_sbc_writes_ranks_and_report_deterministically(tmp_path):
     )
     result = run_sbc(spec, settings, tmp_path / "sbc", scheduler="sync")
     out = tmp_path / "sbc"
-    assert {p.name for p in out.iterdir()} == {"ranks.csv", "uniformity.csv", "rank_histograms.png"}
+    assert {p.name for p in out.iterdir()} == {"ranks.csv", "uniformity.csv", "rank_histograms.png", MARKER}
     ranks = pd.read_csv(out / "ranks.csv")
     names = population_names(spec)
     assert sorted(ranks.parameter.unique()) == sorted(names)

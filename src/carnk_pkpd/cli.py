@@ -274,6 +274,8 @@ def simulate_cmd(
             cohort, _ = simulate_cohort(
                 spec, levels, n_subjects, seed, dvids=wanted_dvids, follow_up=follow_up
             )
+    except ModelFileError as exc:  # the model file cannot be simulated: bad input, not usage
+        raise _fail(str(exc), 1) from None
     except ValueError as exc:
         raise _usage_error(str(exc)) from None
     try:

@@ -262,7 +262,13 @@ def allocate_dose_levels(
     if dose_levels is None:
         keys = list(spec.dose_levels)
         if not keys:
-            raise ValueError(f"model {spec.name!r} declares no dose levels")
+            from carnk_pkpd.errors import ModelFileError
+
+            raise ModelFileError(
+                str(spec.source_file or spec.name),
+                "dose_levels",
+                "no [dose_levels.<label>] table to simulate",
+            )
         file_counts = [spec.dose_levels[k].n_subjects for k in keys]
         if any(c is None for c in file_counts) or sum(c or 0 for c in file_counts) == 0:
             if n_subjects is None:

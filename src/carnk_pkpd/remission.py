@@ -749,13 +749,18 @@ def remission_posterior(
     )
     if target is not None and target.exists() and not refit:
         try:
-            ds = xr.open_dataset(target, engine="netcdf4").load()
-            ds.close()
+            with xr.open_dataset(target, engine="netcdf4") as f:
+                ds = f.load()
             if ds.attrs.get("fingerprint") == key:
                 ds.attrs["source"] = FITTED_SOURCE
                 return ds
-        except (OSError, ValueError):
-            pass
+        except (OSError, ValueError) as exc:
+            import warnings
+
+            warnings.warn(
+                f"{target}: the cached remission link cannot be read ({exc}); it is fitted again and replaced",
+                stacklevel=2,
+            )
     ds = fit_remission(fit, published=published, seed=seed, **kwargs)
     ds.attrs["fingerprint"] = key
     if target is not None:
