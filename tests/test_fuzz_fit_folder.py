@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 import shutil
 from collections.abc import Callable
 from pathlib import Path
@@ -169,7 +170,8 @@ def test_truncated_remission_cache_is_refitted_with_a_message(base, tmp_path, ke
     res = CliRunner().invoke(app, ["doses", str(folder), "--workers", "0", "--draws", "2", "--patients", "2",
                                    "--grid", "1:3:3", "--out", str(tmp_path / "d")])  # fmt: skip
     _clean(res, allowed=(0,))
-    assert "remission.nc" in res.output and "fitted again" in res.output
+    words = re.sub(r"[\s│┃|]+", " ", res.output)  # the warnings table wraps its text over rows
+    assert "the cached remission link cannot be read" in words and "fitted again" in words, res.output
     assert (tmp_path / "d" / "ranking.csv").exists()
     with xr.open_dataset(folder / "remission.nc", engine="netcdf4") as f:  # the cache is whole again
         assert "theta1" in f
@@ -237,15 +239,23 @@ def _model_variants(d: Path) -> dict[str, str]:
 
 def test_bad_model_files_give_a_clean_error(tmp_path):
     from carnk_pkpd.data import embedded_cohort_path
+    from carnk_pkpd.spec import load_model
 
     runner = CliRunner()
     for case, model in _model_variants(tmp_path).items():
+        try:  # a file cut after its last required table is still a valid model: nothing to refuse then
+            load_model(model)
+        except (ValueError, OSError):
+            pass
+        else:
+            assert case.startswith("truncated"), f"{case}: a damaged model file was accepted"
+            continue
         res = runner.invoke(
             app, ["simulate", "--model", model, "--n-subjects", "1", "--out", str(tmp_path / "c.csv")]
         )
         _clean(res)
         assert "Error" in res.output or Path(model).name in res.output, (case, res.output)
         res = runner.invoke(app, ["fit", str(embedded_cohort_path("example")), "--model", model, "--out",
-                                  str(tmp_path / "f")])  # fmt: skip
+                                  str(tmp_path / "f"), "--draws", "5", "--tune", "5", "--chains", "1"])  # fmt: skip
         _clean(res)
         assert not (tmp_path / "f").exists() and not (tmp_path / "c.csv").exists(), case
