@@ -122,35 +122,9 @@ def population_predictions(fit: Any) -> xr.DataArray:
     Each parameter is the posterior median of the subject's typical value with its dose-level tier
     and covariates but no between-subject deviation (the population layer with η = 0).
     """
-    from carnk_pkpd.population import (
-        PopulationDraws,
-        SubjectDesign,
-        individual_parameters,
-        observation_scale,
-    )
-    from carnk_pkpd.structural import simulate
+    from carnk_pkpd.evaluation import population_prediction  # the one PRED computation
 
-    pop = PopulationDraws.from_fit(fit)
-    design = SubjectDesign.from_cohort(fit.cohort, fit.spec)
-    zero = {name: np.zeros((pop.n_draws, design.n_subjects)) for name in pop.names}
-    theta = individual_parameters(pop, design, None, z=zero)
-    theta = {k: np.exp(np.median(np.log(v), axis=0)) for k, v in theta.items()}
-    data = design.records
-    t_all = np.unique(np.concatenate(data.times))
-    paths = simulate(
-        {**theta, "n_transit": np.full(design.n_subjects, pop.n_transit)},
-        list(design.doses),
-        t_all,
-        fit.spec,
-        _accuracy(fit),
-        design.ld(fit.spec),
-    )
-    t_rec = np.array([data.times[s][k] for s, k in zip(data.subject_index, data.time_index, strict=True)])
-    pos = np.searchsorted(t_all, t_rec)
-    car = np.asarray(paths["car"].values)[data.subject_index, pos][None, :]
-    bcell = np.asarray(paths["bcell"].values)[data.subject_index, pos][None, :]
-    med = {k: np.median(v)[None] for k, v in pop.residual.items()}
-    pred = observation_scale(fit.spec, data.dvid, car, bcell, med)[0]
+    pred = population_prediction(fit, fit.cohort)
     return xr.DataArray(pred, dims="record", coords={"record": np.arange(len(pred))}, name="PRED")
 
 
