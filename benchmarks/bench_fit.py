@@ -63,6 +63,11 @@ def main() -> None:
         help="recovery scenario: BSV on every parameter with a bsv.sd (file) or only on those the fit estimates",
     )
     ap.add_argument("--out", default=None, help="save the fit folder here")
+    ap.add_argument(
+        "--no-warm-start",
+        action="store_true",
+        help="start near the prior's centre on the model's own scale (the behaviour before carnk_pkpd.warmstart)",
+    )
     args = ap.parse_args()
 
     from carnk_pkpd.data import embedded_cohort_path, read_cohort
@@ -106,6 +111,7 @@ def main() -> None:
         cores=args.cores,
         progress=False,
         target_accept=TARGET_ACCEPT if args.target_accept is None else args.target_accept,
+        warm_start=not args.no_warm_start,
     )
     wall = time.perf_counter() - t0
     d = result.diagnostics
@@ -116,6 +122,8 @@ def main() -> None:
         f"cohort: {path} ({n['n_subjects']} subjects, {n['n_records']} records, {n['n_blq']} BLQ) - SYNTHETIC"
     )
     print(f"sampler: {args.chains} chains x ({args.tune} tune + {args.draws} draws), nutpie JAX backend")
+    if args.out is None:
+        print("(add --out DIR to keep the fit for a before/after comparison of the posteriors)")
     limit = {"trial365": 120, "n60": 360}.get(args.scenario, 600)
     rows = [
         ("wall time total (s)", f"{wall:.1f}", f"<= {limit}", wall <= limit),
@@ -123,6 +131,9 @@ def main() -> None:
         ("  of which sampling (s)", f"{tm['sampling_seconds']:.1f}", "", True),
         ("worker processes", f"{tm['worker_processes']}", "", True),
         ("cores busy (CPU s / wall s)", f"{tm['cores_busy']:.2f}", "", True),
+        ("warm start (mode, Hessian)", "on" if tm["whitened"] else "off", "", True),
+        ("  gradients", f"{tm['gradients_warm_start']}", "", True),
+        ("  seconds", f"{tm['warm_start_seconds']:.1f}", "", True),
         ("gradients, early warm-up", f"{tm['gradients_early_warmup']}", "", True),
         ("gradients, late warm-up", f"{tm['gradients_late_warmup']}", "", True),
         ("gradients, sampling", f"{tm['gradients_sampling']}", "", True),

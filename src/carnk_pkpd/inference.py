@@ -78,7 +78,7 @@ SINGLE_THREAD_XLA = "--xla_cpu_multi_thread_eigen=false intra_op_parallelism_thr
 #: before the first full mass-matrix update, reported apart by :func:`fit`'s gradient accounting.
 EARLY_WINDOW = 0.3
 
-_COMPILED: dict[str, tuple[Any, Any, float]] = {}  # per process: key -> (compiled model, data, compile s)
+_COMPILED: dict[str, tuple[Any, Any, float, dict]] = {}  # per process: key -> (model, data, compile s, start)
 
 
 def chain_seeds(seed: int, chains: int) -> list[int]:
@@ -87,8 +87,8 @@ def chain_seeds(seed: int, chains: int) -> list[int]:
     return [int(s) for s in np.random.SeedSequence(seed).generate_state(chains, dtype=np.uint32)]
 
 
-def _model_key(spec: Any, cohort: Any, accuracy: str) -> str:
-    return hashlib.sha256(pickle.dumps((spec, cohort, accuracy))).hexdigest()
+def _model_key(spec: Any, cohort: Any, accuracy: str, warm_start: bool = True) -> str:
+    return hashlib.sha256(pickle.dumps((spec, cohort, accuracy, warm_start))).hexdigest()
 
 
 #: Jitter of the starting η's (U(−ETA_JITTER, ETA_JITTER) on the unit-normal scale); population
@@ -118,7 +118,9 @@ def _initial_point_fn(pm_model: Any) -> Callable[[int], np.ndarray]:
     return initial_point
 
 
-def _compiled_model(spec: Any, cohort: Any, accuracy: str, key: str) -> tuple[Any, Any, float]:
+def _compiled_model(
+    spec: Any, cohort: Any, accuracy: str, key: str, warm_start: bool = True
+) -> tuple[Any, Any, float, dict]:
     """Build and compile the model once per process (a worker samples several chains of one fit),
     with the starting points of :func:`_initial_point_fn`."""
     import dataclasses
@@ -134,9 +136,36 @@ def _compiled_model(spec: Any, cohort: Any, accuracy: str, key: str) -> tuple[An
         compiled = nutpie.compile_pymc_model(pm_model, backend="jax", gradient_backend="jax")
         compiled = dataclasses.replace(compiled, _make_initial_points=_initial_point_fn(pm_model))
         _compile_now(compiled)
+        compile_s = time.perf_counter() - t0
+        compiled, start = _warm_start(compiled, pm_model) if warm_start else (compiled, dict(whitened=False))
         _COMPILED.clear()
-        _COMPILED[key] = (compiled, data, time.perf_counter() - t0)
+        _COMPILED[key] = (compiled, data, compile_s, start)
     return _COMPILED[key]
+
+
+def _warm_start(compiled: Any, pm_model: Any) -> tuple[Any, dict[str, Any]]:
+    """The compiled model whitened at the posterior mode (:mod:`carnk_pkpd.warmstart`), and what that
+    cost; the model unchanged (chains started near the prior's centre) if no finite mode is found."""
+    from pymc.initial_point import make_initial_point_fn
+
+    from carnk_pkpd.warmstart import laplace_whitening, subject_blocks, whitened_model
+
+    centre = make_initial_point_fn(model=pm_model, jitter_rvs=set(), return_transformed=True)(0)
+    names = [pm_model.rvs_to_values[rv].name for rv in pm_model.free_RVs]
+    x0 = np.concatenate([np.ravel(centre[n]) for n in names]).astype("float64")
+    logp = compiled._make_logp_func()  # noqa: SLF001
+    shared = dict(compiled._shared_data)  # noqa: SLF001
+    w = laplace_whitening(lambda x: logp(x, **shared), x0, subject_blocks(pm_model))
+    if w is None:
+        return compiled, dict(whitened=False)
+    info = dict(
+        whitened=True,
+        gradients=w.n_gradients,
+        seconds=round(w.seconds, 2),
+        mode_converged=w.converged,
+        logp_mode=round(w.logp_mode, 3),
+    )
+    return whitened_model(compiled, w), info
 
 
 #: Fields of nutpie's ``ChainProgress`` that progress reports carry across processes.
@@ -156,7 +185,9 @@ def _sample_chain(task: dict[str, Any], report: Callable[[int, dict], None] | No
 
     from carnk_pkpd.progress import wait_for_sampler
 
-    compiled, _, compile_s = _compiled_model(task["spec"], task["cohort"], task["accuracy"], task["key"])
+    compiled, _, compile_s, start = _compiled_model(
+        task["spec"], task["cohort"], task["accuracy"], task["key"], task.get("warm_start", True)
+    )
     chain = task["chain"]
     if report is None and _PROGRESS_QUEUE is not None:
 
@@ -196,6 +227,7 @@ def _sample_chain(task: dict[str, Any], report: Callable[[int, dict], None] | No
     out["cpu_seconds"] = time.process_time() - c0
     out["wall_seconds"] = time.perf_counter() - w0
     out["compile_seconds"] = compile_s
+    out["warm_start"] = start
     out["pid"] = os.getpid()
     return out
 
@@ -298,16 +330,23 @@ def _run_chains(
 
 
 def gradient_accounting(results: list[dict[str, Any]], tune: int, wall: float) -> dict[str, Any]:
-    """Where sampling time went: gradient evaluations per phase (early warm-up = the first
-    ``EARLY_WINDOW`` of ``tune``, late warm-up, sampling), summed over chains; CPU seconds per
-    gradient; and cores busy (CPU seconds of all chains / wall seconds of sampling)."""
+    """Where sampling time went: gradient evaluations per phase (the warm start of
+    :mod:`carnk_pkpd.warmstart`, once per process; early warm-up = the first ``EARLY_WINDOW`` of
+    ``tune``; late warm-up; sampling), summed over chains; CPU seconds per sampling gradient; and
+    cores busy (CPU seconds of all chains / wall seconds of sampling)."""
     n_early = int(round(EARLY_WINDOW * tune))
     early = sum(int(r["warmup_n_steps"][:n_early].sum()) for r in results)
     late = sum(int(r["warmup_n_steps"][n_early:].sum()) for r in results)
     sampling = sum(int(np.asarray(r["sample_stats"]["n_steps"]).sum()) for r in results)
     cpu = sum(r["cpu_seconds"] for r in results)
     total = early + late + sampling
+    starts = {r["pid"]: r.get("warm_start") or {} for r in results}  # computed once per process
     return dict(
+        gradients_warm_start=sum(int(v.get("gradients", 0)) for v in starts.values()),
+        warm_start_seconds=round(
+            max((float(v.get("seconds", 0.0)) for v in starts.values()), default=0.0), 2
+        ),
+        whitened=all(v.get("whitened", False) for v in starts.values()),
         gradients_early_warmup=early,
         gradients_late_warmup=late,
         gradients_sampling=sampling,
@@ -332,6 +371,7 @@ def fit(
     accuracy: str = "default",
     adaptation: str = "low_rank",
     target_accept: float = TARGET_ACCEPT,
+    warm_start: bool = True,
     on_stage: Callable[[str], None] | None = None,
     on_progress: Callable[[list], None] | None = None,
 ) -> Fit:
@@ -360,6 +400,10 @@ def fit(
     target_accept
         NUTS's target acceptance rate during warm-up (step-size adaptation). Higher values take
         smaller steps: fewer divergences, more gradient evaluations per draw.
+    warm_start
+        Start the chains at the posterior mode's Laplace scale and sample on the whitened scale
+        (:mod:`carnk_pkpd.warmstart`; the posterior is unchanged); False starts them near the
+        prior's centre on the model's own scale.
     on_progress
         Called from a background thread about twice a second with nutpie's ``ChainProgress`` list
         (see :func:`carnk_pkpd.progress.sampler_status`). Ctrl-C (KeyboardInterrupt) while sampling
@@ -389,7 +433,7 @@ def fit(
 
     warn_bsv_identifiability(len(spec.estimated_bsv()), data.n_subjects, cohort.source)
     workers = max(1, min(chains, cores or (os.cpu_count() or 1)))
-    key = _model_key(spec, cohort, accuracy)
+    key = _model_key(spec, cohort, accuracy, warm_start)
     tasks = [
         dict(
             key=key,
@@ -403,13 +447,14 @@ def fit(
             progress=progress and workers == 1,
             adaptation=adaptation,
             target_accept=target_accept,
+            warm_start=warm_start,
         )
         for c, s in enumerate(chain_seeds(seed, chains))
     ]
     t0 = time.perf_counter()
     if workers == 1:
         stage("building the PyMC model and compiling (JAX)")
-        _compiled_model(spec, cohort, accuracy, key)
+        _compiled_model(spec, cohort, accuracy, key, warm_start)
         t_compile = time.perf_counter() - t0
         stage(f"sampling {chains} chains x ({tune} tune + {draws} draws)")
     else:
@@ -462,6 +507,7 @@ def fit(
             accuracy=accuracy,
             adaptation=adaptation,
             target_accept=target_accept,
+            start="posterior mode, Laplace-whitened scale" if warm_start else "prior centre",
         ),
         timings=dict(
             wall_seconds=round(time.perf_counter() - t0, 2),
