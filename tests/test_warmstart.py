@@ -104,8 +104,8 @@ class FakeCompiled:
 def test_whitened_model_is_the_same_density_seen_through_x_equals_mode_plus_L_u():
     lg = logp_grad(toy_logp)
     compiled = FakeCompiled(
-        _make_logp_func=lambda: (lambda x, **_: lg(x)),
-        _make_expand_func=lambda a, b, c: (lambda x, **_: {"x": np.array(x)}),
+        _make_logp_func=lambda: lambda x, **_: lg(x),
+        _make_expand_func=lambda a, b, c: lambda x, **_: {"x": np.array(x)},
         _make_initial_points=None,
     )
     w = laplace_whitening(lg, np.zeros(2 + 2 * N_SUB), BLOCKS)
