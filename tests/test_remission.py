@@ -55,14 +55,14 @@ def _outcomes(da: np.ndarray, days: list[float], rng: np.random.Generator) -> pd
 
 @pytest.fixture(scope="module")
 def link_fit():
-    """Stage 2 fitted to 150 simulated patients (3 visits each) by multiple imputation over M = 3
+    """Stage 2 fitted to 150 simulated patients (3 visits each) by multiple imputation over M = 2
     noisy metric columns (each column one "stage-1 draw" for every patient)."""
     rng = np.random.default_rng(5)
     da = _true_da(150, seed=4)
-    draws = np.clip(da[:, None] + 4.0 * rng.standard_normal((da.size, 3)), 0.0, 180.0)
+    draws = np.clip(da[:, None] + 4.0 * rng.standard_normal((da.size, 2)), 0.0, 180.0)
     oc = _outcomes(da, [90.0, 180.0, 365.0], rng)
     post = R.sample_remission(
-        draws, oc, [str(i) for i in range(da.size)], center=CENTER, scale=SCALE, draws=250, tune=300, seed=3
+        draws, oc, [str(i) for i in range(da.size)], center=CENTER, scale=SCALE, draws=250, tune=250, seed=3
     )
     return da, post, draws
 
@@ -99,7 +99,7 @@ def test_imputations_use_one_draw_for_every_subject():
     oc = _outcomes(da, [180.0, 365.0], rng)
     draws = np.stack([da - 15.0, da + 15.0], axis=1)
     post = R.sample_remission(
-        draws, oc, [str(i) for i in range(da.size)], center=CENTER, scale=SCALE, draws=250, tune=250, seed=2
+        draws, oc, [str(i) for i in range(da.size)], center=CENTER, scale=SCALE, draws=150, tune=200, seed=2
     )
     tab = R.remission_diagnostics(post).set_index(["imputation", "parameter"])
     assert tab.loc[("pooled", "theta0_lldas"), "between_share"] > 0.3
@@ -194,24 +194,34 @@ def test_published_counts_bad_file(tmp_path):
         R.load_published(bad)
 
 
-def test_published_counts_move_and_narrow_theta0():
-    """Switching a published multinomial on, on a small synthetic cohort: 60 extra patients, 45 of
-    them in DORIS at days 180..365 (far more than the cohort's truth), raise theta0_doris and narrow
-    its 90% interval (M = 2 imputations, short chains)."""
+def test_published_counts_narrow_theta0():
+    """Switching a published multinomial on, on a small synthetic cohort (30 patients, 2 visits):
+    400 extra patients counted over none / LLDAS only / DORIS at days 180..365, the counts being
+    the truth's expected counts for their virtual patients, narrow the 90% interval of theta0_doris
+    and of theta0_lldas, which still cover the truth (one imputation, short chains)."""
     rng = np.random.default_rng(21)
     da = _true_da(30, seed=9)
     oc = _outcomes(da, [180.0, 365.0], rng)
-    draws = np.stack([da, da + 3.0], axis=1)
-    src = R.PublishedSource("synthetic", (10, 5, 45), (180.0, 365.0), {"A": 1.0})
-    pub_x = {"A": np.stack([_true_da(40, seed=10)] * 2)}
-    kw = dict(center=CENTER, scale=SCALE, draws=250, tune=250, seed=4)
+    pub_da = _true_da(20, seed=10)
+    gh_x, gh_w = np.polynomial.hermite_e.hermegauss(21)
+    eta = TRUTH["theta1"] * (pub_da[:, None] - CENTER) / SCALE + TRUTH["sigma_u"] * gh_x[None, :]
+    w = gh_w / gh_w.sum() / pub_da.size
+    p_l = float(np.sum(w / (1 + np.exp(-(TRUTH["theta0_lldas"] + eta)))))
+    p_d = float(np.sum(w / (1 + np.exp(-(TRUTH["theta0_lldas"] - TRUTH["delta"] + eta)))))
+    counts = np.round(400 * np.array([1 - p_l, p_l - p_d, p_d])).astype(int)
+    src = R.PublishedSource("synthetic", tuple(int(c) for c in counts), (180.0, 365.0), {"A": 1.0})
+    kw = dict(center=CENTER, scale=SCALE, draws=300, tune=200, seed=4)
     ids = [str(i) for i in range(da.size)]
-    off = R.sample_remission(draws, oc, ids, **kw)
-    on = R.sample_remission(draws, oc, ids, published=[src], published_metrics=pub_x, **kw)
-    q_off = np.quantile(off["theta0_doris"].values, [0.05, 0.5, 0.95])
-    q_on = np.quantile(on["theta0_doris"].values, [0.05, 0.5, 0.95])
-    assert q_on[1] > q_off[1], (q_off, q_on)
-    assert q_on[2] - q_on[0] < q_off[2] - q_off[0], (q_off, q_on)
+    off = R.sample_remission(da[:, None], oc, ids, **kw)
+    on = R.sample_remission(
+        da[:, None], oc, ids, published=[src], published_metrics={"A": pub_da[None, :]}, **kw
+    )
+    truth = {"theta0_lldas": TRUTH["theta0_lldas"], "theta0_doris": TRUTH["theta0_lldas"] - TRUTH["delta"]}
+    for name, value in truth.items():
+        q_off = np.quantile(off[name].values, [0.05, 0.95])
+        q_on = np.quantile(on[name].values, [0.05, 0.95])
+        assert q_on[1] - q_on[0] < 0.9 * (q_off[1] - q_off[0]), (name, q_off, q_on)
+        assert q_on[0] <= value <= q_on[1], (name, q_on, value)
 
 
 def test_regimen_doses():

@@ -568,16 +568,13 @@ def sample_remission(
             gh_w = gh_w / gh_w.sum()
             for j, c in enumerate(published):
                 p_l = p_d = 0.0
-                days = c.days()
+                dj = np.array([int(np.argmin(np.abs(grid - day))) for day in c.days()])
                 for lab, w in c.mix.items():
-                    zm = pub_d[lab]
-                    n_pub = zpub[lab].shape[1]
-                    for day in days:
-                        dj = int(np.argmin(np.abs(grid - day)))
-                        lin = b * zm[:, None] + sigma_u * gh_x[None, :] + v[dj]
-                        wk = w / (len(days) * n_pub)
-                        p_l = p_l + wk * pt.sum(pm.math.sigmoid(a_l + lin) * gh_w[None, :])
-                        p_d = p_d + wk * pt.sum(pm.math.sigmoid(a_d + lin) * gh_w[None, :])
+                    # (patient, follow-up day, GH node): averaged over all three with weights
+                    lin = b * pub_d[lab][:, None, None] + v[dj][None, :, None] + sigma_u * gh_x[None, None, :]
+                    wk = w * gh_w[None, None, :] / (dj.size * zpub[lab].shape[1])
+                    p_l = p_l + pt.sum(pm.math.sigmoid(a_l + lin) * wk)
+                    p_d = p_d + pt.sum(pm.math.sigmoid(a_d + lin) * wk)
                 probs = pt.clip(pt.stack([1.0 - p_l, p_l - p_d, p_d]), 1e-12, 1.0)
                 pm.Multinomial(
                     f"published_{j}", n=c.n, p=probs / pt.sum(probs), observed=np.asarray(c.counts)
