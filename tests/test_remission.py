@@ -282,3 +282,48 @@ def test_cli_predict_bad_fit_folder(tmp_path):
     assert res.exit_code == 1 and "format_version" in res.output
     res = runner.invoke(app, ["predict", str(bad), "--visits", "abc"])
     assert res.exit_code == 2 and "--visits" in res.output
+
+
+def test_concordance_check_counts_constant_and_reversing_patients():
+    """Observed: patient a goes none → DORIS, patient b DORIS → DORIS → LLDAS only (a fall), patient c
+    has one visit (not counted): never-changing share 0, falling share 0.5. A link that puts everyone
+    in DORIS at every visit replicates shares 1 and 0, so both p-values are 0 and the line says FAIL."""
+    import xarray as xr
+
+    ids = ["a", "b", "c"]
+    cd = ("chain", "draw")
+    post = xr.Dataset(
+        {
+            "theta0_lldas": (cd, np.full((1, 4), 30.0)),
+            "theta0_doris": (cd, np.full((1, 4), 30.0)),
+            "theta1": (cd, np.zeros((1, 4))),
+            "sigma_u": (cd, np.ones((1, 4))),
+            "u": ((*cd, "subject"), np.zeros((1, 4, 3))),
+            "v": ((*cd, "visit_day"), np.zeros((1, 4, 1))),
+            "metric_draws": (("subject", "imp"), np.full((3, 1), 55.0)),
+        },
+        coords={
+            "chain": [0],
+            "draw": np.arange(4),
+            "subject": ids,
+            "visit_day": [180.0],
+            "imputation": ("chain", [0]),
+        },
+        attrs={"metric": "DA", "center": 55.0, "scale": 15.0},
+    )
+    oc = pd.DataFrame(
+        {
+            "ID": ["a", "a", "b", "b", "b", "c"],
+            "day": [90.0, 180.0, 90.0, 180.0, 365.0, 180.0],
+            "DORIS": [0.0, 1.0, 1.0, 1.0, 0.0, 1.0],
+            "LLDAS": [0.0, 1.0, 1.0, 1.0, 1.0, 1.0],
+        }
+    )
+    tab = R.concordance_table(post.merge(R.concordance_check(post, oc, n_rep=4))).set_index("statistic")
+    assert tab.loc["never_changes", "observed"] == 0.0 and tab.loc["reverses", "observed"] == 0.5
+    assert (
+        tab.loc["never_changes", "replicated_median"] == 1.0
+        and tab.loc["reverses", "replicated_median"] == 0.0
+    )
+    assert (tab["p_value"] == 0.0).all()
+    assert "FAIL" in R.concordance_line(post.merge(R.concordance_check(post, oc, n_rep=4)))

@@ -488,7 +488,7 @@ def sample_remission(
     HalfNormal(tau_visit_prior)`` per sqrt(log-day) (module doc: why these widths). ``sampler``:
     "nutpie" (``backend`` "jax" or "numba") or "pymc". Returns the pooled Dataset on ``chain, draw``
     (``u`` on ``subject``, ``v`` on ``visit_day``) with the per-imputation diagnostics
-    (``diag_*`` on ``imputation``; :func:`remission_diagnostics`).
+    (``diag_*`` on ``imp``; :func:`remission_diagnostics`).
     """
     import pymc as pm
     import pytensor.tensor as pt
@@ -662,7 +662,7 @@ def _group(idata: Any, name: str) -> xr.Dataset:
 
 def _attach_diagnostics(post: xr.Dataset, n_imp: int, chains: int, divs: Sequence[int]) -> xr.Dataset:
     """R-hat, bulk and tail ESS per imputation and parameter (within that imputation's chains), and
-    its divergences, as ``diag_*`` variables on ``imputation`` (and ``diag_parameter``)."""
+    its divergences, as ``diag_*`` variables on ``imp`` (imputation 0..M−1) and ``diag_parameter``."""
     import arviz_stats as azs
 
     names = [n for n in DIAG_PARAMS if n in post]
@@ -676,17 +676,32 @@ def _attach_diagnostics(post: xr.Dataset, n_imp: int, chains: int, divs: Sequenc
             r[m, k] = float(st.rhat(a, chain_axis=0, draw_axis=1))
             eb[m, k] = float(st.ess(a, chain_axis=0, draw_axis=1, method="bulk"))
             et[m, k] = float(st.ess(a, chain_axis=0, draw_axis=1, method="tail", prob=0.05))
-    dims = ("imputation", "diag_parameter")
+    dims = ("imp", "diag_parameter")
     return post.assign(
         diag_r_hat=(dims, r),
         diag_ess_bulk=(dims, eb),
         diag_ess_tail=(dims, et),
-        diag_divergences=(("imputation",), np.asarray(divs, int)),
-    ).assign_coords(diag_parameter=names, imputation_index=("imputation", np.arange(n_imp)))
+        diag_divergences=(("imp",), np.asarray(divs, int)),
+    ).assign_coords(diag_parameter=names, imp=np.arange(n_imp))
 
 
-def remission_diagnostics(post: xr.Dataset) -> pd.DataFrame:
+def _stored_link(post: xr.Dataset | str | os.PathLike) -> xr.Dataset | None:
+    """``post`` itself, or the ``remission.nc`` of a fit folder (None when it has none; never fits)."""
+    if isinstance(post, xr.Dataset):
+        return post
+    p = Path(post)
+    p = p / "remission.nc" if p.is_dir() else p
+    if not p.is_file():
+        return None
+    with xr.open_dataset(p, engine="netcdf4") as f:
+        return f.load()
+
+
+def remission_diagnostics(post: xr.Dataset | str | os.PathLike) -> pd.DataFrame:
     """Sampler diagnostics of the stage-2 posterior as a table (for ``predict``, ``doses``, reports).
+
+    ``post``: a stage-2 posterior, or a fit folder (its cached ``remission.nc`` is read; nothing is
+    fitted; an empty table when there is none).
 
     One row per imputation and parameter (``imputation`` 0..M−1: R-hat, bulk and tail ESS within that
     imputation's chains, its divergences) and one ``pooled`` row per parameter: the worst R-hat over
@@ -697,7 +712,8 @@ def remission_diagnostics(post: xr.Dataset) -> pd.DataFrame:
     link without diagnostics (the ASSUMED link).
     """
     cols = ["imputation", "parameter", "r_hat", "ess_bulk", "ess_tail", "divergences", "between_share", "ok"]
-    if "diag_r_hat" not in post:
+    post = _stored_link(post)
+    if post is None or "diag_r_hat" not in post:
         return pd.DataFrame(columns=cols)
     names = [str(n) for n in post["diag_parameter"].values]
     r, eb, et = (post[k].values for k in ("diag_r_hat", "diag_ess_bulk", "diag_ess_tail"))
@@ -727,7 +743,7 @@ def diagnostics_line(post: xr.Dataset) -> str:
     if tab.empty:
         return "remission stage 2: no sampler diagnostics (ASSUMED link, not fitted)"
     pooled = tab[tab["imputation"] == "pooled"]
-    n_imp = int(post.sizes.get("imputation", 0))
+    n_imp = int(post.attrs.get("n_imputations", post.sizes.get("imp", 0)))
     facts = (
         f"{n_imp} imputations; worst R-hat within an imputation {pooled['r_hat'].max():.3f} "
         f"(<= {RHAT_MAX_IMPUTATION}); pooled ESS bulk/tail >= {pooled['ess_bulk'].min():.0f}/"
@@ -1015,7 +1031,7 @@ def fit_remission(
     (``resolution``: the B-cell grid in days, 0.5 d is ample for DA); :func:`sample_remission` fits
     each with ``chains`` x (``tune`` + ``draws``) and pools them. Published counts use
     ``n_published_patients`` virtual patients per dose level and imputation. The result also holds
-    ``metric_draws`` (subject, imputation) and the within-patient concordance check
+    ``metric_draws`` (subject, imp: imputation) and the within-patient concordance check
     (:func:`concordance_table`).
     """
     unknown = sorted(set(settings) - set(STAGE2_DEFAULTS))
@@ -1061,7 +1077,7 @@ def fit_remission(
         tau_visit_prior=st["tau_visit_prior"],
     )
     # keep the stage-1 metrics used, so observed-subject predictions need no re-solve
-    out["metric_draws"] = (("subject", "imputation"), x, {"units": UNITS.get(metric, "")})
+    out["metric_draws"] = (("subject", "imp"), x, {"units": UNITS.get(metric, "")})
     out = out.merge(concordance_check(out, outcomes, seed=seed))
     out.attrs.update(synthetic=int(bool(fit.synthetic)), source=FITTED_SOURCE)
     return out
@@ -1130,12 +1146,14 @@ def concordance_check(
     )
 
 
-def concordance_table(post: xr.Dataset) -> pd.DataFrame:
+def concordance_table(post: xr.Dataset | str | os.PathLike) -> pd.DataFrame:
     """The concordance check as a table: ``statistic, observed, replicated_median, replicated_q05,
     replicated_q95, p_value`` (posterior predictive p-value, two-sided: twice the smaller tail, with
-    ties split). Empty when the link holds no check (the ASSUMED link)."""
+    ties split). ``post``: a stage-2 posterior or a fit folder (its cached ``remission.nc``). Empty
+    when the link holds no check (the ASSUMED link, or no cached link)."""
     cols = ["statistic", "observed", "replicated_median", "replicated_q05", "replicated_q95", "p_value"]
-    if "ppc_observed" not in post:
+    post = _stored_link(post)
+    if post is None or "ppc_observed" not in post:
         return pd.DataFrame(columns=cols)
     rows = []
     for s in post["ppc_stat"].values:
