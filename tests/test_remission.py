@@ -55,14 +55,14 @@ def _outcomes(da: np.ndarray, days: list[float], rng: np.random.Generator) -> pd
 
 @pytest.fixture(scope="module")
 def link_fit():
-    """Stage 2 fitted to 150 simulated patients (3 visits each) by multiple imputation over M = 2
+    """Stage 2 fitted to 150 simulated patients (3 visits each) by multiple imputation over M = 3
     noisy metric columns (each column one "stage-1 draw" for every patient)."""
     rng = np.random.default_rng(5)
     da = _true_da(150, seed=4)
-    draws = np.clip(da[:, None] + 4.0 * rng.standard_normal((da.size, 2)), 0.0, 180.0)
+    draws = np.clip(da[:, None] + 4.0 * rng.standard_normal((da.size, 3)), 0.0, 180.0)
     oc = _outcomes(da, [90.0, 180.0, 365.0], rng)
     post = R.sample_remission(
-        draws, oc, [str(i) for i in range(da.size)], center=CENTER, scale=SCALE, draws=250, tune=250, seed=3
+        draws, oc, [str(i) for i in range(da.size)], center=CENTER, scale=SCALE, draws=250, tune=300, seed=3
     )
     return da, post, draws
 
