@@ -67,7 +67,9 @@ def one_cohort(i: int, args: argparse.Namespace, truth: pd.DataFrame) -> list[di
     post = remission_source(f, seed=seed)
     t2 = time.perf_counter()
     diag = remission_diagnostics(post)
-    ok = bool(diag.loc[diag["imputation"] == "pooled", "ok"].all())
+    pooled = diag[diag["imputation"] == "pooled"].set_index("parameter")
+    ok = bool(pooled["ok"].all())
+    share1 = float(pooled.loc["theta1", "between_share"])
     print(
         f"cohort {i} (seed {seed}): stage 1 {t1 - t0:.0f} s, stage 2 {t2 - t1:.0f} s; {diagnostics_line(post)}"
     )
@@ -96,6 +98,8 @@ def one_cohort(i: int, args: argparse.Namespace, truth: pd.DataFrame) -> list[di
                         stage1_s=t1 - t0,
                         stage2_s=t2 - t1,
                         stage2_ok=ok,
+                        between_share_theta0_lldas=float(pooled.loc["theta0_lldas", "between_share"]),
+                        between_share_theta1=share1,
                         n_visits=int(post.attrs.get("n_visits", 0)),
                     )
                 )
@@ -124,6 +128,13 @@ def summarize(df: pd.DataFrame) -> str:
         f"{df.groupby('cohort')['stage2_s'].first().median():.0f} s per cohort (median; shared machine); "
         f"stage-2 diagnostics ok in {df.groupby('cohort')['stage2_ok'].first().mean():.2f} of cohorts"
     )
+    if "between_share_theta1" in df:
+        first = df.groupby("cohort").first()
+        lines.append(
+            "share of the pooled posterior variance between imputations (exposure uncertainty), median: "
+            f"theta0_lldas {first['between_share_theta0_lldas'].median():.3f}, theta1 "
+            f"{first['between_share_theta1'].median():.3f}"
+        )
     return "\n".join(lines)
 
 
