@@ -17,6 +17,11 @@ follow-up, seed 999) in DORIS / LLDAS at that visit.
 Results are appended to ``--out`` one cohort at a time (a run can be stopped and summarised), and the
 coverage rate per (dose level, endpoint, day) and overall is printed with its binomial SE. Every
 number is SYNTHETIC: simulated cohorts, never trial data.
+
+Measured so far (2-core machine shared with other jobs, load average ~20): ONE cohort only (seed
+100, ``--draws 60 --tune 100 --truth-n 1000``): stage 1 2574 s, stage 2 127 s; 8 of 8 90% intervals
+covered the truth (widths 0.31-0.60); the stage-2 check said FAIL (worst R-hat within one imputation
+1.053 > 1.05). One cohort says nothing about the coverage RATE: run the 20 cohorts on a free machine.
 """
 
 from __future__ import annotations

@@ -36,8 +36,9 @@ their metrics of the imputation each link draw came from.
 Cost (measured on a 2-core machine shared with other jobs, load average 10-15, so slow and noisy):
 the model is compiled once (JAX, data swapped per imputation), then each imputation samples 2
 chains of 500 iterations: 42 s in all for M = 12 on the 3-subject example fit (seconds per
-imputation once compiled); ``benchmarks/remission_calibration.py`` prints the stage-2 time of
-20-subject cohorts. M = 12 keeps the Monte Carlo error of the pooled mixture small next to the
+imputation once compiled); 127 s for a SYNTHETIC 20-subject trial-design cohort (98 scored visits,
+``benchmarks/remission_calibration.py`` seed 100, load average ~20), where the short kinetic fit
+itself took 2574 s. M = 12 keeps the Monte Carlo error of the pooled mixture small next to the
 between-imputation spread it adds (the diagnostics' ``between_share``, 0.2–1.4% of the posterior
 variance on the example fit, so more imputations would change little there).
 The pooled diagnostics (:func:`remission_diagnostics`) report R-hat and ESS within each imputation,
