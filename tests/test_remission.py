@@ -55,19 +55,66 @@ def _outcomes(da: np.ndarray, days: list[float], rng: np.random.Generator) -> pd
 
 @pytest.fixture(scope="module")
 def link_fit():
-    """Stage 2 fitted to 150 simulated patients (3 visits each), K = 20 noisy metric draws."""
+    """Stage 2 fitted to 150 simulated patients (3 visits each) by multiple imputation over M = 3
+    noisy metric columns (each column one "stage-1 draw" for every patient)."""
     rng = np.random.default_rng(5)
     da = _true_da(150, seed=4)
-    draws = np.clip(da[:, None] + 4.0 * rng.standard_normal((da.size, 20)), 0.0, 180.0)
+    draws = np.clip(da[:, None] + 4.0 * rng.standard_normal((da.size, 3)), 0.0, 180.0)
     oc = _outcomes(da, [90.0, 180.0, 365.0], rng)
     post = R.sample_remission(
-        draws, oc, [str(i) for i in range(da.size)], center=CENTER, scale=SCALE, draws=300, tune=300, seed=3
+        draws, oc, [str(i) for i in range(da.size)], center=CENTER, scale=SCALE, draws=250, tune=300, seed=3
     )
-    return da, post
+    return da, post, draws
+
+
+def test_imputations_are_pooled_with_their_diagnostics(link_fit):
+    """The pooled posterior is the M imputations' chains side by side, each labelled with its
+    imputation, and the diagnostics table has one row per imputation and parameter plus pooled rows
+    whose ESS is the imputations' sum."""
+    _, post, draws = link_fit
+    m = draws.shape[1]
+    assert post.sizes["chain"] == 2 * m
+    assert post["imputation"].values.tolist() == [i for i in range(m) for _ in range(2)]
+    tab = R.remission_diagnostics(post)
+    per = tab[tab["imputation"] != "pooled"]
+    pooled = tab[tab["imputation"] == "pooled"].set_index("parameter")
+    assert len(per) == m * len(pooled)
+    for name in pooled.index:
+        assert pooled.loc[name, "ess_bulk"] == pytest.approx(
+            per.loc[per["parameter"] == name, "ess_bulk"].sum()
+        )
+        assert pooled.loc[name, "r_hat"] == per.loc[per["parameter"] == name, "r_hat"].max()
+    line = R.diagnostics_line(post)
+    assert line.startswith("remission stage 2: ") and ("ok" in line or "FAIL" in line)
+
+
+def test_imputations_use_one_draw_for_every_subject():
+    """Multiple imputation keeps stage-1 draws aligned: a shift that moves EVERY subject's metric in
+    one stage-1 draw (shared uncertainty, e.g. a typical value) must widen the link's posterior. Two
+    imputations whose columns differ by a common shift of 30 days give a pooled slope posterior whose
+    imputation means differ (between-imputation share > 0.3) and whose pooled intercept interval is
+    wider than either imputation's alone."""
+    rng = np.random.default_rng(8)
+    da = _true_da(80, seed=6)
+    oc = _outcomes(da, [180.0, 365.0], rng)
+    draws = np.stack([da - 15.0, da + 15.0], axis=1)
+    post = R.sample_remission(
+        draws, oc, [str(i) for i in range(da.size)], center=CENTER, scale=SCALE, draws=150, tune=200, seed=2
+    )
+    tab = R.remission_diagnostics(post).set_index(["imputation", "parameter"])
+    assert tab.loc[("pooled", "theta0_lldas"), "between_share"] > 0.3
+    th = post["theta0_lldas"]
+    width = lambda a: float(np.diff(np.quantile(a, [0.05, 0.95]))[0])  # noqa: E731
+    pooled = width(th.values)
+    for m in (0, 1):
+        assert pooled > width(th.where(post["imputation"] == m, drop=True).values)
+    # a higher metric for everyone needs a lower intercept for the same outcomes
+    means = [float(th.where(post["imputation"] == m, drop=True).mean()) for m in (0, 1)]
+    assert means[1] < means[0]
 
 
 def test_intervals_cover_known_coefficients(link_fit):
-    _, post = link_fit
+    _, post, _ = link_fit
     truth = {**TRUTH, "theta0_doris": TRUTH["theta0_lldas"] - TRUTH["delta"]}
     # 95% intervals: four checks at 90% would fail by chance about one run in three
     for name in ("theta0_lldas", "theta0_doris", "theta1", "delta"):
@@ -77,7 +124,7 @@ def test_intervals_cover_known_coefficients(link_fit):
 
 
 def test_probability_rises_with_da_and_doris_below_lldas(link_fit):
-    _, post = link_fit
+    _, post, _ = link_fit
     grid = np.linspace(10.0, 150.0, 15)
     p = R.link_probabilities(post, grid[None, :], 180.0)
     med = {ep: np.median(v, axis=0) for ep, v in p.items()}
@@ -91,7 +138,7 @@ def test_calibration_on_large_cohort(link_fit):
     """Reliability table: 3000 new patients, 5 bins of predicted P at day 180; each bin's observed
     frequency lies within the bin's posterior 90% band (fit from 150 patients) widened by 2 binomial SE,
     and within 0.1 of the mean prediction."""
-    da, post = link_fit
+    da, post, _ = link_fit
     rng = np.random.default_rng(11)
     new_da = rng.choice(da, 3000)
     oc = _outcomes(new_da, [180.0], rng)
@@ -119,12 +166,62 @@ def test_category_bounds_handle_partial_visits():
     assert hi.tolist() == [2, 1, 0, 1, 2]
 
 
+PUBLISHED = Path(__file__).parents[1] / "models" / "published_counts.toml"
+
+
 def test_published_counts_file_reads():
-    counts = R.load_published(Path(__file__).parents[1] / "models" / "published_counts.toml")
-    got = {(c.endpoint, c.day): (c.responders, c.n) for c in counts}
-    assert got[("DORIS", 180.0)] == (4, 8) and got[("LLDAS", 180.0)] == (6, 8)
-    assert got[("DORIS", 365.0)] == (6, 9)
-    assert all(abs(sum(c.mix.values()) - 1) < 1e-12 for c in counts)
+    """One multinomial per report over none / LLDAS only / DORIS; by default only the later report
+    (the earlier one's patients are among its patients); the dose-level mix follows enrolment order."""
+    used = R.load_published(PUBLISHED)
+    assert [c.name for c in used] == ["Gao2025_12m"]
+    every = {c.name: c for c in R.load_published(PUBLISHED, include_unused=True)}
+    assert every["Gao2025_12m"].counts == (3, 0, 6) and every["Gao2025_12m"].n == 9
+    assert every["ACR2024_6m"].counts == (2, 2, 4) and not every["ACR2024_6m"].use
+    assert every["ACR2024_6m"].window == (180.0, 365.0) and every["Gao2025_12m"].window[0] == 365.0
+    assert every["Gao2025_12m"].mix["DL4"] == pytest.approx(2 / 9)
+    assert all(abs(sum(c.mix.values()) - 1) < 1e-12 for c in every.values())
+
+
+def test_published_counts_bad_file(tmp_path):
+    bad = tmp_path / "p.toml"
+    bad.write_text('[[count]]\nendpoint = "DORIS"\nday = 180.0\nresponders = 4\nn = 8\n')
+    with pytest.raises(ValueError, match="no longer read"):
+        R.load_published(bad)
+    bad.write_text(
+        "[[source]]\nnone = 1\nlldas_only = 0\ndoris = 2\nwindow = [365.0, 180.0]\nmix = {DL1 = 1}\n"
+    )
+    with pytest.raises(ValueError, match=r"source\[0\]\.window"):
+        R.load_published(bad)
+
+
+def test_published_counts_narrow_theta0():
+    """Switching a published multinomial on, on a small synthetic cohort (30 patients, 2 visits):
+    400 extra patients counted over none / LLDAS only / DORIS at days 180..365, the counts being
+    the truth's expected counts for their virtual patients, narrow the 90% interval of theta0_doris
+    and of theta0_lldas, which still cover the truth (one imputation, short chains)."""
+    rng = np.random.default_rng(21)
+    da = _true_da(30, seed=9)
+    oc = _outcomes(da, [180.0, 365.0], rng)
+    pub_da = _true_da(20, seed=10)
+    gh_x, gh_w = np.polynomial.hermite_e.hermegauss(21)
+    eta = TRUTH["theta1"] * (pub_da[:, None] - CENTER) / SCALE + TRUTH["sigma_u"] * gh_x[None, :]
+    w = gh_w / gh_w.sum() / pub_da.size
+    p_l = float(np.sum(w / (1 + np.exp(-(TRUTH["theta0_lldas"] + eta)))))
+    p_d = float(np.sum(w / (1 + np.exp(-(TRUTH["theta0_lldas"] - TRUTH["delta"] + eta)))))
+    counts = np.round(400 * np.array([1 - p_l, p_l - p_d, p_d])).astype(int)
+    src = R.PublishedSource("synthetic", tuple(int(c) for c in counts), (180.0, 365.0), {"A": 1.0})
+    kw = dict(center=CENTER, scale=SCALE, draws=300, tune=200, seed=4)
+    ids = [str(i) for i in range(da.size)]
+    off = R.sample_remission(da[:, None], oc, ids, **kw)
+    on = R.sample_remission(
+        da[:, None], oc, ids, published=[src], published_metrics={"A": pub_da[None, :]}, **kw
+    )
+    truth = {"theta0_lldas": TRUTH["theta0_lldas"], "theta0_doris": TRUTH["theta0_lldas"] - TRUTH["delta"]}
+    for name, value in truth.items():
+        q_off = np.quantile(off[name].values, [0.05, 0.95])
+        q_on = np.quantile(on[name].values, [0.05, 0.95])
+        assert q_on[1] - q_on[0] < 0.9 * (q_off[1] - q_off[0]), (name, q_off, q_on)
+        assert q_on[0] <= value <= q_on[1], (name, q_on, value)
 
 
 def test_regimen_doses():
@@ -185,3 +282,48 @@ def test_cli_predict_bad_fit_folder(tmp_path):
     assert res.exit_code == 1 and "format_version" in res.output
     res = runner.invoke(app, ["predict", str(bad), "--visits", "abc"])
     assert res.exit_code == 2 and "--visits" in res.output
+
+
+def test_concordance_check_counts_constant_and_reversing_patients():
+    """Observed: patient a goes none → DORIS, patient b DORIS → DORIS → LLDAS only (a fall), patient c
+    has one visit (not counted): never-changing share 0, falling share 0.5. A link that puts everyone
+    in DORIS at every visit replicates shares 1 and 0, so both p-values are 0 and the line says FAIL."""
+    import xarray as xr
+
+    ids = ["a", "b", "c"]
+    cd = ("chain", "draw")
+    post = xr.Dataset(
+        {
+            "theta0_lldas": (cd, np.full((1, 4), 30.0)),
+            "theta0_doris": (cd, np.full((1, 4), 30.0)),
+            "theta1": (cd, np.zeros((1, 4))),
+            "sigma_u": (cd, np.ones((1, 4))),
+            "u": ((*cd, "subject"), np.zeros((1, 4, 3))),
+            "v": ((*cd, "visit_day"), np.zeros((1, 4, 1))),
+            "metric_draws": (("subject", "imp"), np.full((3, 1), 55.0)),
+        },
+        coords={
+            "chain": [0],
+            "draw": np.arange(4),
+            "subject": ids,
+            "visit_day": [180.0],
+            "imputation": ("chain", [0]),
+        },
+        attrs={"metric": "DA", "center": 55.0, "scale": 15.0},
+    )
+    oc = pd.DataFrame(
+        {
+            "ID": ["a", "a", "b", "b", "b", "c"],
+            "day": [90.0, 180.0, 90.0, 180.0, 365.0, 180.0],
+            "DORIS": [0.0, 1.0, 1.0, 1.0, 0.0, 1.0],
+            "LLDAS": [0.0, 1.0, 1.0, 1.0, 1.0, 1.0],
+        }
+    )
+    tab = R.concordance_table(post.merge(R.concordance_check(post, oc, n_rep=4))).set_index("statistic")
+    assert tab.loc["never_changes", "observed"] == 0.0 and tab.loc["reverses", "observed"] == 0.5
+    assert (
+        tab.loc["never_changes", "replicated_median"] == 1.0
+        and tab.loc["reverses", "replicated_median"] == 0.0
+    )
+    assert (tab["p_value"] == 0.0).all()
+    assert "FAIL" in R.concordance_line(post.merge(R.concordance_check(post, oc, n_rep=4)))

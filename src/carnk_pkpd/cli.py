@@ -479,7 +479,7 @@ def predict_cmd(
         ".", "--out", help="Folder for remission.csv (created if missing; default: current folder)."
     ),
     seed: int = typer.Option(0, "--seed", help="Random seed."),
-    n_patients: int = typer.Option(20, "--patients", help="Virtual patients per posterior draw."),
+    n_patients: int = typer.Option(100, "--patients", help="Virtual patients per posterior draw."),
     published: str | None = typer.Option(
         None, "--published", help="Add published counts (e.g. models/published_counts.toml); double-counts."
     ),
@@ -589,6 +589,9 @@ def _show_prediction(console, ds, table, title, published) -> None:  # noqa: ANN
         f"probability; metric {ds.attrs.get('metric')}"
         + ("; published counts added (double-counts trial patients)" if published else "")
     )
+    for key in ("diagnostics", "concordance"):  # the remission link's sampler check and its PPC
+        if ds.attrs.get(key):
+            console.print(str(ds.attrs[key]))
 
 
 # --- doses (dose selection) --------------------------------------------------------------------------
@@ -751,6 +754,9 @@ def doses_cmd(
     if tie:
         console.print(f"[yellow]{tie}[/yellow]")
     console.print(f"remission: {ds.attrs['remission_source']}")
+    for key in ("remission_diagnostics", "remission_concordance"):  # stage-2 sampler check and PPC
+        if ds.attrs.get(key):
+            console.print(str(ds.attrs[key]))
     console.print(f"wrote {dest}/ranking.csv and plots" + (" (SYNTHETIC fit)" if fit.synthetic else ""))
 
 

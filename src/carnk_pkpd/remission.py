@@ -13,12 +13,36 @@ visits given those draws. The cut is deliberate:
 * DA, reappearance and reconstitution days are step functions of the kinetic parameters (thresholds
   crossed on a grid), so they have no useful gradient for NUTS in a joint model.
 
-The metric's posterior uncertainty is carried exactly, not by plugging in a mean: each subject's
-likelihood is averaged over ``K`` of its stage-1 draws (a mixture, marginalising the metric over its
-stage-1 posterior, ``log p(y_i) = logsumexp_k log p(y_i | x_ik) − log K``). This keeps skewed or
-two-peaked DA posteriors (a point mass at the window's end) as they are, and adds no latent parameters.
-Predictions for observed subjects pair stage-2 draws with random stage-1 draws (cut: exposure comes
-from stage 1 only).
+Exposure uncertainty: multiple imputation over aligned stage-1 draws
+--------------------------------------------------------------------
+The metrics are not known, they have a stage-1 posterior, and that posterior is shared between
+subjects (typical values, Ω and the residual model move every subject's DA together). Stage 2 is
+therefore fitted by multiple imputation: ``M`` stage-1 posterior draws are chosen
+(:func:`imputation_draws`, default ``M = 12``); imputation ``m`` gives EVERY subject its metric from
+the SAME draw ``m`` (so the between-subject correlation of the exposure errors is kept), stage 2 is
+sampled on each imputation (short chains: 2 × (300 + 200) by default) and the ``M`` posteriors are
+pooled as an equal-weight mixture. That mixture is the standard Bayesian MI estimate of the cut
+posterior ``∫ p(link | y, x(φ)) p(φ | kinetic data) dφ``: exposure uncertainty widens the link's
+posterior by the between-imputation spread, and the outcomes never reweight the exposure draws (no
+feedback into stage 1, the point of the cut). The earlier scheme — a per-subject log-sum-exp over
+``K`` stage-1 draws — treated each subject's draws as independent of every other subject's and let
+the outcomes pick the exposure draws that fit them; it is gone.
+
+Predictions keep the pairing: a new patient simulated from stage-1 draw ``m`` is combined with link
+draws of imputation ``m`` (``predict`` simulates its new patients on the imputation draws by
+default; the dose search pairs wherever its kinetic draw is one of them), and observed subjects use
+their metrics of the imputation each link draw came from.
+
+Cost (measured on a 2-core machine shared with other jobs, load average 10-15, so slow and noisy):
+the model is compiled once (JAX, data swapped per imputation), then each imputation samples 2
+chains of 500 iterations: 42 s in all for M = 12 on the 3-subject example fit (seconds per
+imputation once compiled); 127 s for a SYNTHETIC 20-subject trial-design cohort (98 scored visits,
+``benchmarks/remission_calibration.py`` seed 100, load average ~20), where the short kinetic fit
+itself took 2574 s. M = 12 keeps the Monte Carlo error of the pooled mixture small next to the
+between-imputation spread it adds (the diagnostics' ``between_share``, 0.2–1.4% of the posterior
+variance on the example fit, so more imputations would change little there).
+The pooled diagnostics (:func:`remission_diagnostics`) report R-hat and ESS within each imputation,
+pooled ESS, divergences and the share of the posterior variance that lies between imputations.
 
 Link (ordinal, cumulative logit)
 --------------------------------
@@ -34,18 +58,37 @@ day-180 log-odds for a patient at the centre of the metric). A visit with only o
 recorded contributes the probability of the categories it allows. Prediction days between grid days
 are interpolated in log-day; outside the grid the nearest grid value is used.
 
+Persistence. A patient's DORIS / LLDAS states are strongly persistent across 4–9 visits (a responder
+reaches remission and stays; a non-responder never does). A random intercept can only express that
+with a large ``sigma_u``: a patient whose state stays the same at 5 visits needs a per-visit
+probability near 0.95 or 0.05, i.e. |u| ≈ 3 log-odds beyond the typical patient's, so ``sigma_u``
+must be allowed to reach 3–5. ``sigma_u ~ HalfNormal(3)`` does (its 95th percentile is 5.9, and it
+still shrinks away absurd values); the former HalfNormal(1) (95th percentile 2) forced the visits to
+look nearly independent, which made theta1 overconfident. Likewise the visit path must be able to
+fall from near-certain "none" at day 28 to ~50% DORIS at day 180 (4–6 log-odds over 1.9 log-days):
+``tau_visit ~ HalfNormal(2)`` per sqrt(log-day) (was 0.5, which pulled the day-180 intercepts down).
+:func:`concordance_check` is the posterior predictive check of this: the observed share of patients
+whose state never changes, and of those whose state ever falls back, against replicated visits.
+
 Published aggregate counts (optional)
 -------------------------------------
-``models/published_counts.toml`` (ACR 2024: 4/8 DORIS and 6/8 LLDAS at 6 months; Gao 2025: 6/9 at
-12 months) can be added as binomial likelihoods on the marginal predicted probability for the dose-level
-mix they came from (virtual patients' metrics from the kinetic posterior, patient effect integrated by
-Gauss–Hermite). These patients are very likely also in the individual data (same trial): using both
-**double-counts** them. It is off by default and meant for sensitivity analysis or when the individual
-visits are not available.
+``models/published_counts.toml`` holds one ``[[source]]`` per report: counts over none / LLDAS only /
+DORIS (DORIS ⊂ LLDAS in the same patients, so one multinomial per report, not two binomials), the
+follow-up window the status was taken in (status at a day uniform over the window, averaged over 5
+days; ">6 months" of a report whose longest follow-up was 12 months = days 180..365), and the
+dose-level mix of the patients with that follow-up (the earliest enrolled: low dose levels first).
+Only sources with ``use = true`` enter; by default Gao 2025 (>12 months, 3/0/6 of 9) alone, because
+the ACR 2024 patients (>6 months, 2/2/4 of 8) are almost certainly among them (the file says why).
+The category probabilities integrate the patient effect (Gauss–Hermite, 21 nodes) over
+``n_published_patients`` virtual patients per dose level simulated from each imputation's own
+stage-1 draw. These patients are very likely also in the individual data (same trial): using both
+**double-counts** them. It is off by default and meant for sensitivity analysis or when the
+individual visits are not available.
 
-The stage-2 posterior is stored as ``fits/NAME/remission.nc`` (atomically) and reused when its inputs
-(metric, thinning, K, seed, hashes of the data, posterior and model file, published file, link format)
-match. :func:`remission_source` is the one place every prediction gets its link from: this fitted link
+The stage-2 posterior is stored as ``fits/NAME/remission.nc`` (atomically) with its diagnostics
+(``diag_*``) and the concordance check (``ppc_*``), and reused when its inputs (every setting of
+``STAGE2_DEFAULTS`` including M, the seed, the metric, hashes of the data, posterior and model file,
+published file, link format) match. :func:`remission_source` is the one place every prediction gets its link from: this fitted link
 (``predict`` and ``doses`` alike, so neither depends on whether the other ran first), or the model
 file's link only when asked for (:func:`assumed_link`, labelled ASSUMED).
 
@@ -74,14 +117,18 @@ from carnk_pkpd.structural.metrics import UNITS
 __all__ = [
     "ENDPOINTS",
     "FITTED_SOURCE",
-    "PublishedCount",
+    "PublishedSource",
     "Regimen",
     "assumed_link",
     "exposure_metrics",
+    "imputation_draws",
+    "concordance_check",
+    "concordance_line",
     "fit_remission",
     "link_probabilities",
     "link_values",
     "load_published",
+    "marginal_probabilities",
     "outcomes_from_cohort",
     "predict_by_dose_level",
     "predict_from_metric",
@@ -93,6 +140,10 @@ __all__ = [
     "run_predict",
     "sample_remission",
     "select_draws",
+    "patient_effects",
+    "remission_diagnostics",
+    "diagnostics_line",
+    "concordance_table",
 ]
 
 ENDPOINTS: tuple[str, ...] = ("DORIS", "LLDAS")
@@ -117,21 +168,36 @@ def _metric_kwargs(spec: Any, horizon: float, resolution: float) -> dict[str, An
 
 
 def exposure_metrics(
-    fit: Any, thin: int | None = None, *, horizon: float = 365.0, resolution: float = 0.25
+    fit: Any,
+    thin: int | None = None,
+    *,
+    horizon: float = 365.0,
+    resolution: float = 0.25,
+    positions: Sequence[int] | None = None,
 ) -> xr.Dataset:
     """Each observed subject's exposure and B-cell metrics on ``chain, draw, subject``.
 
     ``car_cmax`` (cells/µL), ``car_tmax`` (days), ``car_auc_0_28`` (cells/µL·day), ``b_nadir``
     (cells/µL), ``b_nadir_day``, ``reappearance_day``, ``reconstitution_day`` (days; NaN if not reached
-    by ``horizon``), ``DA`` (days). ``thin`` keeps every ``thin``-th draw. Each subject's own
-    parameters (:meth:`Fit.individual_parameters`, the population layer with the fitted η), infusions
-    and LD window (its EVID=2 rows, :class:`~carnk_pkpd.population.SubjectDesign`).
+    by ``horizon``), ``DA`` (days). ``thin`` keeps every ``thin``-th draw; ``positions`` instead keeps
+    the draws at these chain-major positions of the posterior (one ``chain``, ``draw`` = the positions;
+    :func:`imputation_draws`). Each subject's own parameters (:meth:`Fit.individual_parameters`, the
+    population layer with the fitted η), infusions and LD window (its EVID=2 rows,
+    :class:`~carnk_pkpd.population.SubjectDesign`).
     """
     from carnk_pkpd.population import SubjectDesign
     from carnk_pkpd.structural import derived_metrics
 
     ind = fit.individual_parameters()
-    if thin and thin > 1:
+    if positions is not None:
+        pos = np.asarray(positions, int)
+        flat = ind.stack(s=("chain", "draw")).transpose("s", "subject")
+        ind = xr.Dataset(
+            {k: (("chain", "draw", "subject"), flat[k].values[pos][None]) for k in ind.data_vars},
+            coords={"chain": [0], "draw": pos, "subject": ind["subject"].values},
+            attrs=dict(ind.attrs),
+        )
+    elif thin and thin > 1:
         ind = ind.isel(draw=slice(None, None, int(thin)))
     nc, nd, ns = ind.sizes["chain"], ind.sizes["draw"], ind.sizes["subject"]
     params = {k: ind[k].values.reshape(-1) for k in ind.data_vars}
@@ -168,7 +234,8 @@ def regimen_metrics(
     Simulated by the population layer (:func:`carnk_pkpd.population.simulate_population`: parameter
     uncertainty over ``n_draws`` posterior draws, new η, dose-level tier, covariate effects with DOSE
     following the regimen, the regimen's LD window and intensity), metrics of
-    :func:`carnk_pkpd.structural.derived_metrics` (NaN = never happens).
+    :func:`carnk_pkpd.structural.derived_metrics` (NaN = never happens). The coordinate
+    ``stage1_draw`` gives each sample's chain-major position in the kinetic posterior.
     """
     from carnk_pkpd.population import simulate_population
 
@@ -186,7 +253,11 @@ def regimen_metrics(
     out = {k: (("sample", "patient"), sim[k].values, {"units": u}) for k, u in UNITS.items()}
     return xr.Dataset(
         out,
-        coords={"sample": np.arange(ns), "patient": np.arange(npat)},
+        coords={
+            "sample": np.arange(ns),
+            "patient": np.arange(npat),
+            "stage1_draw": ("sample", np.asarray(sim["draw"].values, int)),
+        },
         attrs={**regimen.as_dict(), "seed": int(seed), "synthetic": int(bool(fit.synthetic))},
     )
 
@@ -275,46 +346,88 @@ def _category_bounds(doris: np.ndarray, lldas: np.ndarray) -> tuple[np.ndarray, 
     return lo, hi
 
 
-@dataclass(frozen=True)
-class PublishedCount:
-    """``responders`` of ``n`` patients in ``endpoint`` (DORIS/LLDAS) at ``day``, from a dose-level
-    ``mix`` (label → weight, normalised)."""
+CATEGORIES: tuple[str, ...] = ("none", "lldas_only", "doris")
 
-    endpoint: str
-    day: float
-    responders: int
-    n: int
+
+@dataclass(frozen=True)
+class PublishedSource:
+    """One report's patients counted over the ordinal categories none / LLDAS only / DORIS.
+
+    ``counts`` (none, LLDAS only, DORIS) of ``n`` patients; each patient's status is taken at a
+    follow-up day uniform over ``window`` (days, e.g. ">6 months" of a report whose longest follow-up
+    was 12 months: 180..365); the patients come from the dose-level ``mix`` (label → weight,
+    normalised). ``use`` False keeps a report in the file without fitting it.
+    """
+
+    name: str
+    counts: tuple[int, int, int]
+    window: tuple[float, float]
     mix: dict[str, float]
+    use: bool = True
     source: str = ""
 
+    @property
+    def n(self) -> int:
+        return int(sum(self.counts))
 
-def load_published(path: str | os.PathLike) -> list[PublishedCount]:
-    """Read ``models/published_counts.toml`` (``[[count]]`` tables)."""
+    def days(self, k: int = 5) -> np.ndarray:
+        """``k`` equally spaced days over the window (the quadrature of the uniform follow-up day)."""
+        lo, hi = self.window
+        return np.linspace(lo, hi, k) if hi > lo else np.array([lo])
+
+
+def load_published(path: str | os.PathLike, *, include_unused: bool = False) -> list[PublishedSource]:
+    """Read ``models/published_counts.toml`` (``[[source]]`` tables; see the file's header).
+
+    Returns the sources with ``use = true`` (every source with ``include_unused``). Raises
+    ``ValueError`` naming the file and the table on a missing or bad key.
+    """
     p = Path(path)
     try:
         raw = tomllib.loads(p.read_text(encoding="utf-8"))
     except (OSError, tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
         raise ValueError(f"{p}: cannot read published counts ({e})") from None
-    default_mix = raw.get("mix", {})
-    out = []
-    for i, c in enumerate(raw.get("count", [])):
-        try:
-            mix = {str(k): float(v) for k, v in dict(c.get("mix", default_mix)).items()}
-            tot = sum(mix.values())
-            ep = str(c["endpoint"]).upper()
-            r, n = int(c["responders"]), int(c["n"])
-        except (KeyError, TypeError, ValueError) as e:
-            raise ValueError(f"{p}: count[{i}]: bad or missing key ({e})") from None
-        if ep not in ENDPOINTS or not (0 <= r <= n) or n < 1 or tot <= 0:
-            raise ValueError(f"{p}: count[{i}]: expected endpoint DORIS/LLDAS, 0 <= responders <= n, a mix")
-        out.append(
-            PublishedCount(
-                ep, float(c["day"]), r, n, {k: v / tot for k, v in mix.items()}, str(c.get("source", ""))
-            )
+    if "count" in raw:
+        raise ValueError(
+            f"{p}: [[count]] tables (one binomial per endpoint) are no longer read; give one [[source]] "
+            "per report with none / lldas_only / doris counts, window and mix"
         )
+    out = []
+    for i, c in enumerate(raw.get("source", [])):
+        where = f"{p}: source[{i}]"
+        try:
+            mix = {str(k): float(v) for k, v in dict(c["mix"]).items()}
+            counts = tuple(int(c[k]) for k in CATEGORIES)
+            window = tuple(float(v) for v in c["window"])
+            name = str(c.get("name", f"source{i}"))
+            use = c.get("use", True)
+        except (KeyError, TypeError, ValueError) as e:
+            raise ValueError(
+                f"{where}: bad or missing key ({e}); needs none, lldas_only, doris, window, mix"
+            ) from None
+        if not isinstance(use, bool):
+            raise ValueError(f"{where}.use: expected true or false (found {use!r})")
+        if min(counts) < 0 or sum(counts) < 1:
+            raise ValueError(f"{where}: counts must be >= 0 with at least one patient (found {counts})")
+        if len(window) != 2 or not (0 < window[0] <= window[1]):
+            raise ValueError(
+                f"{where}.window: expected [first, last] days, 0 < first <= last (found {window})"
+            )
+        tot = sum(mix.values())
+        if not mix or tot <= 0 or min(mix.values()) < 0:
+            raise ValueError(f"{where}.mix: expected dose-level weights >= 0 with a positive sum")
+        out.append(
+            PublishedSource(
+                name, counts, (window[0], window[1]), {k: v / tot for k, v in mix.items()}, use,
+                str(c.get("source", "")),
+            )
+        )  # fmt: skip
     if not out:
-        raise ValueError(f"{p}: no [[count]] tables")
-    return out
+        raise ValueError(f"{p}: no [[source]] tables")
+    used = out if include_unused else [c for c in out if c.use]
+    if not used:
+        raise ValueError(f"{p}: every [[source]] has use = false")
+    return used
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -325,6 +438,21 @@ def _visit_grid(days: Sequence[float], extra: Sequence[float] = ()) -> np.ndarra
         np.round(np.concatenate([np.asarray(days, float), np.asarray(extra, float), [REFERENCE_DAY]]), 6)
     )
     return g[g > 0]
+
+
+#: Parameters whose sampler diagnostics are checked (population-level quantities of the link).
+DIAG_PARAMS: tuple[str, ...] = ("theta0_lldas", "delta", "theta1", "sigma_u", "tau_visit")
+#: Thresholds of :func:`remission_diagnostics`: per imputation (short chains) and pooled.
+RHAT_MAX_IMPUTATION = 1.05
+ESS_MIN_POOLED = 400
+#: Prior scales (half-normal) of the patient-effect SD and of the visit path's SD per sqrt(log-day).
+SIGMA_U_PRIOR = 3.0
+TAU_VISIT_PRIOR = 2.0
+_GH_NODES = 21
+
+
+def _int_seed(seed: int, m: int) -> int:
+    return int(np.random.SeedSequence([int(seed), int(m)]).generate_state(1)[0])
 
 
 def sample_remission(
@@ -338,23 +466,34 @@ def sample_remission(
     theta0: float = 0.5,
     theta1: float = 1.0,
     visit_days: Sequence[float] = (28.0, 60.0, 90.0, 120.0, 150.0, 180.0, 270.0, 365.0),
-    published: Sequence[PublishedCount] | None = None,
+    published: Sequence[PublishedSource] | None = None,
     published_metrics: Mapping[str, np.ndarray] | None = None,
-    draws: int = 500,
-    tune: int = 500,
+    stage1_draws: Sequence[int] | None = None,
+    draws: int = 200,
+    tune: int = 300,
     chains: int = 2,
     seed: int = 0,
+    sigma_u_prior: float = SIGMA_U_PRIOR,
+    tau_visit_prior: float = TAU_VISIT_PRIOR,
     sampler: str = "nutpie",
     backend: str = "jax",
 ) -> xr.Dataset:
-    """Fit the ordinal link given per-subject metric draws ``(subject, K)``; returns the posterior.
+    """Fit the ordinal link once per imputation and pool the posteriors (multiple imputation).
 
-    ``outcomes``: ``ID, day, DORIS, LLDAS`` (see :func:`outcomes_from_cohort`). Priors (weakly
-    informative, on the model file's scale): ``theta0_lldas ~ N(theta0, 2)``, ``delta ~ HalfNormal(2)``,
-    ``theta1 ~ N(theta1, 2)``, ``sigma_u ~ HalfNormal(1)``, ``tau_visit ~ HalfNormal(0.5)`` per unit
-    log-day. ``sampler``: "nutpie" (``backend`` "jax" or "numba") or "pymc".
-    ``published_metrics`` maps a dose-level label to virtual patients' metric values.
-    Returns a Dataset on ``chain, draw`` (``u`` on ``subject``, ``v`` on ``visit_day``).
+    ``metric_draws`` is ``(subject, M)``: column ``m`` holds every subject's metric at the same
+    stage-1 posterior draw ``m`` (``stage1_draws[m]``, its chain-major position, stored). Stage 2 is
+    sampled on each column with ``chains`` chains of ``tune`` + ``draws``; the pooled posterior is the
+    concatenation over imputations (``chain`` = imputation × chain, coordinates ``imputation`` and
+    ``stage1_draw`` on ``chain``): the equal-weight mixture of the M conditional posteriors. The model
+    is compiled once; each imputation only swaps the data. ``published_metrics`` maps a dose-level
+    label to virtual patients' metrics ``(M, n)``, row ``m`` simulated from stage-1 draw ``m``.
+
+    Priors (on the model file's scale): ``theta0_lldas ~ N(theta0, 2)``, ``delta ~ HalfNormal(2)``,
+    ``theta1 ~ N(theta1, 2)``, ``sigma_u ~ HalfNormal(sigma_u_prior)``, ``tau_visit ~
+    HalfNormal(tau_visit_prior)`` per sqrt(log-day) (module doc: why these widths). ``sampler``:
+    "nutpie" (``backend`` "jax" or "numba") or "pymc". Returns the pooled Dataset on ``chain, draw``
+    (``u`` on ``subject``, ``v`` on ``visit_day``) with the per-imputation diagnostics
+    (``diag_*`` on ``imp``; :func:`remission_diagnostics`).
     """
     import pymc as pm
     import pytensor.tensor as pt
@@ -362,24 +501,25 @@ def sample_remission(
     ids = [str(i) for i in subject_ids]
     x = link_values({metric: metric_draws}, metric)
     if x.ndim != 2 or x.shape[0] != len(ids):
-        raise ValueError(f"metric_draws must be (subject, K) with {len(ids)} subjects (found {x.shape})")
+        raise ValueError(f"metric_draws must be (subject, M) with {len(ids)} subjects (found {x.shape})")
     if not np.all(np.isfinite(x)):
         raise ValueError("metric_draws contain non-finite values")
+    n_s, n_imp = x.shape
+    s1 = np.arange(n_imp) if stage1_draws is None else np.asarray(stage1_draws, int)
+    if s1.size != n_imp:
+        raise ValueError(f"stage1_draws gives {s1.size} positions for {n_imp} imputations")
     z = (x - center) / scale
     oc = outcomes.copy()
     oc["ID"] = oc["ID"].astype(str)
     lo, hi = _category_bounds(oc["DORIS"].to_numpy(float), oc["LLDAS"].to_numpy(float))
     keep = ~((lo == 0) & (hi == 2)) & oc["ID"].isin(ids).to_numpy()
     oc, lo, hi = oc[keep], lo[keep], hi[keep]
-    grid = _visit_grid(
-        np.concatenate([oc["day"].to_numpy(float), visit_days]), [p.day for p in published or ()]
-    )
+    pub_days = [d for c in published or () for d in c.days()]
+    grid = _visit_grid(np.concatenate([oc["day"].to_numpy(float), visit_days]), pub_days)
     ref = int(np.argmin(np.abs(np.log(grid / REFERENCE_DAY))))
     gaps = np.sqrt(np.abs(np.diff(np.log(grid))))
     sidx = np.array([ids.index(i) for i in oc["ID"]], int)
     didx = np.searchsorted(grid, np.round(oc["day"].to_numpy(float), 6))
-    n_s, k = z.shape
-    # per-visit indicators of the likelihood term
     case = {
         "none": (lo == 0) & (hi == 0),
         "lldas_only": (lo == 1) & (hi == 1),
@@ -387,88 +527,127 @@ def sample_remission(
         "lldas": (lo == 1) & (hi == 2),
         "not_doris": (lo == 0) & (hi == 1),
     }
-    member = np.zeros((n_s, len(oc)))
-    member[sidx, np.arange(len(oc))] = 1.0
+    labels = sorted({lab for c in published or () for lab in c.mix})
+    zpub: dict[str, np.ndarray] = {}
+    for lab in labels:
+        if published_metrics is None or lab not in published_metrics:
+            raise ValueError(f"published counts: no virtual-patient metrics for dose level {lab}")
+        arr = np.atleast_2d(link_values({metric: published_metrics[lab]}, metric))
+        if arr.shape[0] != n_imp:
+            raise ValueError(
+                f"published counts: dose level {lab}: {arr.shape[0]} rows for {n_imp} imputations"
+            )
+        zpub[lab] = (arr - center) / scale
 
     coords = {"subject": ids, "visit_day": grid, "step": np.arange(max(grid.size - 1, 0))}
     with pm.Model(coords=coords) as model:
+        z_d = pm.Data("z_metric", z[:, 0])
+        pub_d = {lab: pm.Data(f"z_pub_{i}", zpub[lab][0]) for i, lab in enumerate(labels)}
         a_l = pm.Normal("theta0_lldas", theta0, 2.0)
         delta = pm.HalfNormal("delta", 2.0)
         a_d = pm.Deterministic("theta0_doris", a_l - delta)
         b = pm.Normal("theta1", theta1, 2.0)
-        sigma_u = pm.HalfNormal("sigma_u", 1.0)
+        sigma_u = pm.HalfNormal("sigma_u", sigma_u_prior)
         e_u = pm.Normal("e_u", 0.0, 1.0, dims="subject")
         u = pm.Deterministic("u", sigma_u * e_u, dims="subject")
         if grid.size > 1:
-            tau = pm.HalfNormal("tau_visit", 0.5)
+            tau = pm.HalfNormal("tau_visit", tau_visit_prior)
             e_v = pm.Normal("e_v", 0.0, 1.0, dims="step")
             path = pt.concatenate([pt.zeros(1), pt.cumsum(tau * gaps * e_v)])
             v = pm.Deterministic("v", path - path[ref], dims="visit_day")
         else:
             v = pm.Deterministic("v", pt.zeros(1), dims="visit_day")
         if len(oc):
-            eta = b * z[sidx] + (u[sidx] + v[didx])[:, None]  # (obs, K)
+            eta = b * z_d[sidx] + u[sidx] + v[didx]  # (visit,)
             xl, xd = a_l + eta, a_d + eta
             ll = (
-                case["none"][:, None] * pm.math.log1pexp(xl) * -1.0
-                + case["lldas_only"][:, None]
-                * (-pm.math.log1pexp(-xl) - pm.math.log1pexp(xd) + pt.log1mexp(-delta))
-                + case["doris"][:, None] * -pm.math.log1pexp(-xd)
-                + case["lldas"][:, None] * -pm.math.log1pexp(-xl)
-                + case["not_doris"][:, None] * -pm.math.log1pexp(xd)
+                case["none"] * pm.math.log1pexp(xl) * -1.0
+                + case["lldas_only"] * (-pm.math.log1pexp(-xl) - pm.math.log1pexp(xd) + pt.log1mexp(-delta))
+                + case["doris"] * -pm.math.log1pexp(-xd)
+                + case["lldas"] * -pm.math.log1pexp(-xl)
+                + case["not_doris"] * -pm.math.log1pexp(xd)
             )
-            ll_sk = pt.dot(member, ll)  # (subject, K)
-            pm.Potential("visits", pt.sum(pm.math.logsumexp(ll_sk, axis=1)) - n_s * np.log(k))
+            pm.Potential("visits", pt.sum(ll))
         if published:
-            gh_x, gh_w = np.polynomial.hermite_e.hermegauss(9)
+            gh_x, gh_w = np.polynomial.hermite_e.hermegauss(_GH_NODES)
             gh_w = gh_w / gh_w.sum()
             for j, c in enumerate(published):
-                a = a_d if c.endpoint == "DORIS" else a_l
-                dj = int(np.argmin(np.abs(grid - c.day)))
-                p = 0.0
+                p_l = p_d = 0.0
+                dj = np.array([int(np.argmin(np.abs(grid - day))) for day in c.days()])
                 for lab, w in c.mix.items():
-                    if published_metrics is None or lab not in published_metrics:
-                        raise ValueError(f"published counts: no virtual-patient metrics for dose level {lab}")
-                    zm = (link_values({metric: published_metrics[lab]}, metric).ravel() - center) / scale
-                    lin = a + b * zm[:, None] + sigma_u * gh_x[None, :] + v[dj]
-                    p = p + w * pt.sum(pm.math.sigmoid(lin) * gh_w[None, :]) / zm.size
-                p = pt.clip(p, 1e-9, 1 - 1e-9)
-                pm.Binomial(f"published_{j}", n=c.n, p=p, observed=c.responders)
+                    # (patient, follow-up day, GH node): averaged over all three with weights
+                    lin = b * pub_d[lab][:, None, None] + v[dj][None, :, None] + sigma_u * gh_x[None, None, :]
+                    wk = w * gh_w[None, None, :] / (dj.size * zpub[lab].shape[1])
+                    p_l = p_l + pt.sum(pm.math.sigmoid(a_l + lin) * wk)
+                    p_d = p_d + pt.sum(pm.math.sigmoid(a_d + lin) * wk)
+                probs = pt.clip(pt.stack([1.0 - p_l, p_l - p_d, p_d]), 1e-12, 1.0)
+                pm.Multinomial(
+                    f"published_{j}", n=c.n, p=probs / pt.sum(probs), observed=np.asarray(c.counts)
+                )
+        compiled = None
         if sampler == "nutpie":
             import nutpie
 
-            compiled = nutpie.compile_pymc_model(model, backend=backend)
-            idata = nutpie.sample(
-                compiled, draws=draws, tune=tune, chains=chains, seed=seed, progress_bar=False, cores=chains
+            compiled = nutpie.compile_pymc_model(model, backend=backend, freeze_model=False)
+        posts, divs = [], []
+        for m in range(n_imp):
+            data = {"z_metric": z[:, m], **{f"z_pub_{i}": zpub[lab][m] for i, lab in enumerate(labels)}}
+            if compiled is not None:
+                idata = nutpie.sample(
+                    compiled.with_data(**data),
+                    draws=draws,
+                    tune=tune,
+                    chains=chains,
+                    seed=_int_seed(seed, m),
+                    progress_bar=False,
+                    cores=chains,
+                )
+            else:
+                pm.set_data(data)
+                idata = pm.sample(
+                    draws=draws,
+                    tune=tune,
+                    chains=chains,
+                    random_seed=_int_seed(seed, m),
+                    progressbar=False,
+                    cores=1,
+                    compute_convergence_checks=False,
+                )
+            post = _group(idata, "posterior")
+            keepv = ["theta0_lldas", "theta0_doris", "delta", "theta1", "sigma_u", "u", "v"] + (
+                ["tau_visit"] if grid.size > 1 else []
             )
-        else:
-            idata = pm.sample(
-                draws=draws,
-                tune=tune,
-                chains=chains,
-                random_seed=seed,
-                progressbar=False,
-                cores=1,
-                compute_convergence_checks=False,
-            )
-    post = idata["posterior"]
-    post = post.to_dataset() if hasattr(post, "to_dataset") else post
-    keepv = ["theta0_lldas", "theta0_doris", "delta", "theta1", "sigma_u", "u", "v"] + (
-        ["tau_visit"] if grid.size > 1 else []
+            post = post[keepv].load()
+            post = post.assign_coords(chain=np.arange(chains) + m * chains, draw=np.arange(draws))
+            posts.append(post)
+            stats = _group(idata, "sample_stats")
+            divs.append(int(np.asarray(stats["diverging"].values).sum()) if "diverging" in stats else 0)
+    pooled = xr.concat(posts, dim="chain")
+    pooled = pooled.assign_coords(
+        subject=np.array(ids, dtype=str),
+        visit_day=grid,
+        imputation=("chain", np.repeat(np.arange(n_imp), chains)),
+        stage1_draw=("chain", np.repeat(s1, chains)),
     )
-    post = post[keepv].load()
-    post = post.assign_coords(subject=np.array(ids, dtype=str), visit_day=grid)
-    post.attrs.update(
+    pooled = _attach_diagnostics(pooled, n_imp, chains, divs)
+    pooled.attrs.update(
         metric=metric,
         center=float(center),
         scale=float(scale),
-        n_metric_draws=int(k),
+        n_imputations=int(n_imp),
         seed=int(seed),
         draws=int(draws),
         tune=int(tune),
-        chains=int(chains),
+        chains_per_imputation=int(chains),
         n_visits=int(len(oc)),
         published=int(bool(published)),
+        published_sources=", ".join(c.name for c in published or ()),
+        sigma_u_prior=float(sigma_u_prior),
+        tau_visit_prior=float(tau_visit_prior),
+        pooling=(
+            "multiple imputation: one stage-2 fit per stage-1 posterior draw (the same draw for every "
+            "subject), posteriors pooled as an equal-weight mixture"
+        ),
     )
     for name, desc in (
         ("theta0_lldas", "log-odds of LLDAS at day 180 at the metric's centre"),
@@ -477,8 +656,105 @@ def sample_remission(
         ("sigma_u", "SD of the patient effect (log-odds)"),
         ("v", "visit effect (log-odds, 0 at day 180)"),
     ):
-        post[name].attrs["long_name"] = desc
-    return post
+        pooled[name].attrs["long_name"] = desc
+    return pooled
+
+
+def _group(idata: Any, name: str) -> xr.Dataset:
+    g = idata[name]
+    return g.to_dataset() if hasattr(g, "to_dataset") else g
+
+
+def _attach_diagnostics(post: xr.Dataset, n_imp: int, chains: int, divs: Sequence[int]) -> xr.Dataset:
+    """R-hat, bulk and tail ESS per imputation and parameter (within that imputation's chains), and
+    its divergences, as ``diag_*`` variables on ``imp`` (imputation 0..M−1) and ``diag_parameter``."""
+    import arviz_stats as azs
+
+    names = [n for n in DIAG_PARAMS if n in post]
+    r = np.full((n_imp, len(names)), np.nan)
+    eb, et = r.copy(), r.copy()
+    for m in range(n_imp):
+        sub = post.isel(chain=slice(m * chains, (m + 1) * chains))
+        for k, name in enumerate(names):
+            a = np.asarray(sub[name].transpose("chain", "draw").values, float)
+            st = azs.base.array_stats
+            r[m, k] = float(st.rhat(a, chain_axis=0, draw_axis=1))
+            eb[m, k] = float(st.ess(a, chain_axis=0, draw_axis=1, method="bulk"))
+            et[m, k] = float(st.ess(a, chain_axis=0, draw_axis=1, method="tail", prob=0.05))
+    dims = ("imp", "diag_parameter")
+    return post.assign(
+        diag_r_hat=(dims, r),
+        diag_ess_bulk=(dims, eb),
+        diag_ess_tail=(dims, et),
+        diag_divergences=(("imp",), np.asarray(divs, int)),
+    ).assign_coords(diag_parameter=names, imp=np.arange(n_imp))
+
+
+def _stored_link(post: xr.Dataset | str | os.PathLike) -> xr.Dataset | None:
+    """``post`` itself, or the ``remission.nc`` of a fit folder (None when it has none; never fits)."""
+    if isinstance(post, xr.Dataset):
+        return post
+    p = Path(post)
+    p = p / "remission.nc" if p.is_dir() else p
+    if not p.is_file():
+        return None
+    with xr.open_dataset(p, engine="netcdf4") as f:
+        return f.load()
+
+
+def remission_diagnostics(post: xr.Dataset | str | os.PathLike) -> pd.DataFrame:
+    """Sampler diagnostics of the stage-2 posterior as a table (for ``predict``, ``doses``, reports).
+
+    ``post``: a stage-2 posterior, or a fit folder (its cached ``remission.nc`` is read; nothing is
+    fitted; an empty table when there is none).
+
+    One row per imputation and parameter (``imputation`` 0..M−1: R-hat, bulk and tail ESS within that
+    imputation's chains, its divergences) and one ``pooled`` row per parameter: the worst R-hat over
+    imputations, ESS summed over imputations (independent runs), all divergences, and
+    ``between_share``, the share of the pooled posterior variance that lies between imputations (the
+    part due to stage-1 exposure uncertainty). ``ok``: per imputation R-hat ≤ ``RHAT_MAX_IMPUTATION``
+    (short chains) and no divergence; pooled, also ESS ≥ ``ESS_MIN_POOLED``. An empty table for a
+    link without diagnostics (the ASSUMED link).
+    """
+    cols = ["imputation", "parameter", "r_hat", "ess_bulk", "ess_tail", "divergences", "between_share", "ok"]
+    post = _stored_link(post)
+    if post is None or "diag_r_hat" not in post:
+        return pd.DataFrame(columns=cols)
+    names = [str(n) for n in post["diag_parameter"].values]
+    r, eb, et = (post[k].values for k in ("diag_r_hat", "diag_ess_bulk", "diag_ess_tail"))
+    dv = post["diag_divergences"].values
+    imp = post["imputation"].values if "imputation" in post.coords else None
+    rows = []
+    for m in range(r.shape[0]):
+        for k, name in enumerate(names):
+            ok = bool(r[m, k] <= RHAT_MAX_IMPUTATION and dv[m] == 0)
+            rows.append([str(m), name, r[m, k], eb[m, k], et[m, k], int(dv[m]), np.nan, ok])
+    for k, name in enumerate(names):
+        share = np.nan
+        if imp is not None and name in post:
+            flat = post[name].transpose("chain", "draw").values
+            means = np.array([flat[imp == m].mean() for m in range(r.shape[0])])
+            tot = flat.var()
+            share = float(means.var() / tot) if tot > 0 else np.nan
+        row_r, row_b, row_t = np.nanmax(r[:, k]), np.sum(eb[:, k]), np.sum(et[:, k])
+        ok = bool(row_r <= RHAT_MAX_IMPUTATION and dv.sum() == 0 and min(row_b, row_t) >= ESS_MIN_POOLED)
+        rows.append(["pooled", name, row_r, row_b, row_t, int(dv.sum()), share, ok])
+    return pd.DataFrame(rows, columns=cols)
+
+
+def diagnostics_line(post: xr.Dataset) -> str:
+    """One plain line: ``remission stage 2: ok (...)`` or ``remission stage 2: FAIL (...)``."""
+    tab = remission_diagnostics(post)
+    if tab.empty:
+        return "remission stage 2: no sampler diagnostics (ASSUMED link, not fitted)"
+    pooled = tab[tab["imputation"] == "pooled"]
+    n_imp = int(post.attrs.get("n_imputations", post.sizes.get("imp", 0)))
+    facts = (
+        f"{n_imp} imputations; worst R-hat within an imputation {pooled['r_hat'].max():.3f} "
+        f"(<= {RHAT_MAX_IMPUTATION}); pooled ESS bulk/tail >= {pooled['ess_bulk'].min():.0f}/"
+        f"{pooled['ess_tail'].min():.0f} (>= {ESS_MIN_POOLED}); divergences {int(pooled['divergences'].max())}"
+    )
+    return f"remission stage 2: {'ok' if bool(pooled['ok'].all()) else 'FAIL'} ({facts})"
 
 
 def _visit_effect(post: xr.Dataset, day: float) -> np.ndarray:
@@ -522,47 +798,106 @@ def link_probabilities(
     return out
 
 
-def select_draws(post: xr.Dataset, n: int, rng: np.random.Generator) -> xr.Dataset:
+def marginal_probabilities(post: xr.Dataset, metric: np.ndarray, day: float) -> dict[str, np.ndarray]:
+    """P(DORIS), P(LLDAS) of a new patient with link covariate ``metric`` (shape as for
+    :func:`link_probabilities`) with the patient effect integrated out: ``E_u σ(theta0 + η + u)``,
+    ``u ~ N(0, sigma_u)`` of each link draw, by Gauss–Hermite quadrature (21 nodes)."""
+    gh_x, gh_w = np.polynomial.hermite_e.hermegauss(_GH_NODES)
+    gh_w = gh_w / gh_w.sum()
+    sig = _flat(post, "sigma_u")
+    x = np.asarray(metric, float)
+    extra = (1,) * max(np.ndim(x) - 1, 0)
+    out: dict[str, np.ndarray] = {}
+    for node, w in zip(gh_x, gh_w, strict=True):
+        pr = link_probabilities(post, x, day, (sig * node).reshape((sig.size, *extra)))
+        for ep in ENDPOINTS:
+            out[ep] = out.get(ep, 0.0) + w * pr[ep]
+    return out
+
+
+def select_draws(
+    post: xr.Dataset, n: int, rng: np.random.Generator, stage1: Sequence[int] | None = None
+) -> xr.Dataset:
     """``n`` link draws picked at random (with replacement when ``n`` exceeds the draws), on
-    ``chain = [0], draw = 0..n−1``, with the link's attrs: one per kinetic draw it is paired with."""
+    ``chain = [0], draw = 0..n−1``, with the link's attrs: one per kinetic draw it is paired with.
+
+    ``stage1`` (optional, ``n`` chain-major positions in the kinetic posterior): the link draw paired
+    with kinetic draw ``stage1[i]`` is picked from the imputation fitted on that same draw when the
+    link has one (``stage1_draw`` coordinate, :func:`sample_remission`), so exposure and link come
+    from one joint draw; kinetic draws no imputation used get a link draw from the whole pool.
+    """
     keep = [v for v in ("theta0_lldas", "theta0_doris", "theta1", "sigma_u", "v") if v in post]
     flat = post[keep].stack(s=("chain", "draw"))
     nd = flat.sizes["s"]
-    take = rng.choice(nd, size=n, replace=n > nd)
-    sub = flat.isel(s=take).drop_vars(["s", "chain", "draw"]).rename({"s": "draw"})
-    sub = sub.expand_dims(chain=[0]).assign_coords(draw=np.arange(n)).transpose("chain", "draw", ...)
-    # plain in-memory arrays only: the result travels to Dask workers and must hold no file handle
-    return xr.Dataset(
-        {k: (sub[k].dims, np.array(sub[k].values)) for k in keep},
-        coords={k: np.array(v.values) for k, v in sub.coords.items() if k in sub.dims},
-        attrs=dict(post.attrs),
+    pos = (
+        np.repeat(np.asarray(post["stage1_draw"].values, int), post.sizes["draw"])
+        if "stage1_draw" in post.coords
+        else None
     )
+    if stage1 is not None and pos is not None and np.isin(np.asarray(stage1, int), pos).any():
+        take = np.empty(n, int)
+        for i, s1 in enumerate(np.asarray(stage1, int)):
+            cand = np.flatnonzero(pos == s1)
+            take[i] = rng.choice(cand) if cand.size else rng.integers(nd)
+    else:
+        take = rng.choice(nd, size=n, replace=n > nd)
+    sub = flat.isel(s=take)
+    out = {}
+    for k in keep:
+        da = sub[k].transpose("s", ...)
+        out[k] = (("chain", "draw", *da.dims[1:]), np.array(da.values)[None])
+    # plain in-memory arrays only: the result travels to Dask workers and must hold no file handle
+    coords: dict[str, Any] = {"chain": [0], "draw": np.arange(n)}
+    if "visit_day" in post.coords:
+        coords["visit_day"] = np.array(post["visit_day"].values)
+    return xr.Dataset(out, coords=coords, attrs=dict(post.attrs))
+
+
+def patient_effects(link: xr.Dataset, n_patients: int, rng: np.random.Generator) -> np.ndarray:
+    """New patients' effects ``u`` (log-odds), ``(link draw, patient)``: ``sigma_u`` of each draw
+    times a standard normal. The one place a new patient's remission effect is drawn (``predict``
+    and the dose search)."""
+    sig = _flat(link, "sigma_u")
+    return sig[:, None] * rng.standard_normal((sig.size, int(n_patients)))
 
 
 def predict_from_metric(
-    post: xr.Dataset, metric: np.ndarray, days: Sequence[float] = (180.0, 365.0), seed: int = 0
+    post: xr.Dataset,
+    metric: np.ndarray,
+    days: Sequence[float] = (180.0, 365.0),
+    seed: int = 0,
+    *,
+    stage1: Sequence[int] | None = None,
+    links_per_sample: int = 1,
 ) -> xr.Dataset:
     """Predicted probabilities for new patients with given link covariates ``(sample, patient)``.
 
-    Each sample row is paired with a random link draw (:func:`select_draws`); each patient gets a fresh
-    patient effect. Returns ``p_population`` (mean over patients; quantiles = parameter uncertainty),
-    ``p_individual`` (quantiles over samples × patients) on ``endpoint, day, quantile``, and ``p_mean``
-    (fully integrated predictive probability) on ``endpoint, day``.
+    Each sample row (one kinetic draw's virtual patients; ``stage1`` its posterior position) is paired
+    with ``links_per_sample`` link draws (:func:`select_draws`: from the imputation of that kinetic
+    draw when there is one). ``p_population``: per link draw, the mean over its patients of the
+    probability with the patient effect integrated out (:func:`marginal_probabilities`, no Monte Carlo
+    noise from ``u``); quantiles = parameter uncertainty. ``p_individual``: quantiles over samples ×
+    patients, each patient with a drawn effect (:func:`patient_effects`); both on ``endpoint, day,
+    quantile``. ``p_mean`` (fully integrated predictive probability) on ``endpoint, day``.
     """
     rng = np.random.default_rng(seed)
     x = np.atleast_2d(np.asarray(metric, float))
+    reps = max(int(links_per_sample), 1)
+    x = np.repeat(x, reps, axis=0)
+    s1 = None if stage1 is None else np.repeat(np.asarray(stage1, int), reps)
     n_s, n_p = x.shape
-    sub = select_draws(post, n_s, rng)
-    u = _flat(sub, "sigma_u")[:, None] * rng.standard_normal((n_s, n_p))
+    sub = select_draws(post, n_s, rng, s1)
+    u = patient_effects(sub, n_p, rng)
     pop = np.zeros((2, len(days), len(QUANTILES)))
     ind = np.zeros_like(pop)
     mean = np.zeros((2, len(days)))
     for j, d in enumerate(days):
         pr = link_probabilities(sub, x, float(d), u)
+        pm_ = marginal_probabilities(sub, x, float(d))
         for e, ep in enumerate(ENDPOINTS):
-            pop[e, j] = np.quantile(pr[ep].mean(axis=1), QUANTILES)
+            pop[e, j] = np.quantile(pm_[ep].mean(axis=1), QUANTILES)
             ind[e, j] = np.quantile(pr[ep], QUANTILES)
-            mean[e, j] = pr[ep].mean()
+            mean[e, j] = pm_[ep].mean()
     coords = {"endpoint": list(ENDPOINTS), "day": np.asarray(days, float), "quantile": list(QUANTILES)}
     return xr.Dataset(
         {
@@ -619,34 +954,36 @@ def assumed_link(spec: Any) -> xr.Dataset:
 # ---------------------------------------------------------------------------------------------------
 # Fit-level API: stage 2 from a kinetic fit, stored next to it
 # ---------------------------------------------------------------------------------------------------
-def _metric_draws(em: xr.Dataset, metric: str, k: int, seed: int, events: Mapping[str, Any]) -> np.ndarray:
-    """``(subject, K)`` link covariates (:func:`link_values`) from ``exposure_metrics`` output."""
-    if metric not in em:
-        raise ValueError(f"unknown exposure metric {metric!r}; known: {sorted(em.data_vars)}")
-    flat = {
-        name: em[name].stack(s=("chain", "draw")).transpose("subject", "s").values
-        for name in {metric, "b_nadir"} & set(em.data_vars)
-    }
-    n = flat[metric].shape[1]
-    if n > k:
-        pick = np.sort(np.random.default_rng(seed).choice(n, size=k, replace=False))
-        flat = {name: v[:, pick] for name, v in flat.items()}
-    return link_values(flat, metric, events, float(em.attrs.get("horizon", 365.0)))
+def imputation_draws(fit: Any, n_imputations: int, seed: int) -> np.ndarray:
+    """Chain-major positions of the stage-1 draws the imputations use: chosen exactly as the population
+    layer chooses ``n_imputations`` draws with ``seed`` (:func:`carnk_pkpd.population.population_from`),
+    so new patients simulated with the same number of draws and seed come from the same draws."""
+    from carnk_pkpd.population import population_from
+
+    return np.asarray(population_from(fit, int(n_imputations), int(seed)).draw, int)
 
 
 def _new_patient_link_values(
     fit: Any, regimen: Regimen, n_patients: int, seed: int, n_draws: int | None, resolution: float
-) -> np.ndarray:
-    """Link covariates ``(sample, patient)`` of new virtual patients given ``regimen``."""
+) -> tuple[np.ndarray, np.ndarray]:
+    """Link covariates ``(sample, patient)`` of new virtual patients given ``regimen``, and each
+    sample's chain-major position in the kinetic posterior."""
     metric = str(fit.spec.remission.get("metric", "DA"))
     hz = _horizon_for(fit.spec, metric)
     m = regimen_metrics(fit, regimen, n_patients, seed, n_draws, resolution=resolution, horizon=hz)
-    return link_values(m, metric, _events(fit.spec), hz)
+    return link_values(m, metric, _events(fit.spec), hz), np.asarray(m["stage1_draw"].values, int)
 
 
 def _published_metrics(
-    fit: Any, counts: Sequence[PublishedCount], n_patients: int, seed: int, resolution: float
+    fit: Any,
+    counts: Sequence[PublishedSource],
+    n_patients: int,
+    n_imputations: int,
+    seed: int,
+    resolution: float,
 ) -> dict[str, np.ndarray]:
+    """Virtual patients' link covariates per dose level of the published mix, ``(imputation,
+    patient)``: row ``m`` from the imputation's own stage-1 draw (same draws, same seed)."""
     labels = sorted({lab for c in counts for lab in c.mix})
     out = {}
     for lab in labels:
@@ -654,7 +991,7 @@ def _published_metrics(
         if key not in fit.spec.dose_levels:
             raise ValueError(f"published counts: dose level {lab!r} not in the model file's [dose_levels]")
         reg = Regimen.from_dose_level(fit.spec.dose_levels[key])
-        out[lab] = _new_patient_link_values(fit, reg, n_patients, seed, 20, resolution).ravel()
+        out[lab], _ = _new_patient_link_values(fit, reg, n_patients, seed, n_imputations, resolution)
     return out
 
 
@@ -668,40 +1005,65 @@ def _fingerprint(fit: Any, settings: Mapping[str, Any]) -> str:
 
 
 #: Bumped when what the stored stage-2 posterior means changes (2: day metrics that never happen
-#: mapped by :func:`link_values`), so an older ``remission.nc`` is refitted, not reused.
-LINK_FORMAT = 2
+#: mapped by :func:`link_values`; 3: multiple imputation, wider priors, multinomial published
+#: counts), so an older ``remission.nc`` is refitted, not reused.
+LINK_FORMAT = 3
+
+#: Defaults of :func:`fit_remission` (all part of the cache fingerprint). M = 12 imputations of
+#: 2 chains x (300 tune + 200 draws): 4800 pooled draws; see the module doc for the cost.
+STAGE2_DEFAULTS: dict[str, Any] = dict(
+    n_imputations=12,
+    resolution=0.5,
+    draws=200,
+    tune=300,
+    chains=2,
+    n_published_patients=50,
+    sigma_u_prior=SIGMA_U_PRIOR,
+    tau_visit_prior=TAU_VISIT_PRIOR,
+)
 
 
 def fit_remission(
     fit: Any,
     *,
     published: str | os.PathLike | None = None,
-    thin: int | None = None,
-    n_metric_draws: int = 40,
-    resolution: float = 0.5,
-    draws: int = 500,
-    tune: int = 500,
-    chains: int = 2,
     seed: int = 0,
+    **settings: Any,
 ) -> xr.Dataset:
-    """Stage 2 on a kinetic fit: the link posterior given the subjects' metric draws (see module doc).
+    """Stage 2 on a kinetic fit by multiple imputation (module doc); settings of ``STAGE2_DEFAULTS``.
 
-    ``thin`` defaults to keeping about ``n_metric_draws`` draws per chain; ``resolution`` (days) is
-    the B-cell grid of the metrics (0.5 d is ample for DA).
+    ``n_imputations`` stage-1 draws (:func:`imputation_draws`) give every subject's metric
+    (``resolution``: the B-cell grid in days, 0.5 d is ample for DA); :func:`sample_remission` fits
+    each with ``chains`` x (``tune`` + ``draws``) and pools them. Published counts use
+    ``n_published_patients`` virtual patients per dose level and imputation. The result also holds
+    ``metric_draws`` (subject, imp: imputation) and the within-patient concordance check
+    (:func:`concordance_table`).
     """
+    unknown = sorted(set(settings) - set(STAGE2_DEFAULTS))
+    if unknown:
+        raise TypeError(f"fit_remission: unknown setting(s) {unknown}; known: {sorted(STAGE2_DEFAULTS)}")
+    st = {**STAGE2_DEFAULTS, **settings}
     rem = fit.spec.remission
     metric = str(rem.get("metric", "DA"))
-    post = fit.posterior
-    if thin is None:
-        thin = max(1, int(post.sizes["draw"] * post.sizes["chain"] // max(n_metric_draws, 1)))
-    em = exposure_metrics(fit, thin, resolution=resolution, horizon=_horizon_for(fit.spec, metric))
-    x = _metric_draws(em, metric, n_metric_draws, seed, _events(fit.spec))
+    pos = imputation_draws(fit, st["n_imputations"], seed)
+    em = exposure_metrics(
+        fit, resolution=st["resolution"], horizon=_horizon_for(fit.spec, metric), positions=pos
+    )
+    if metric not in em:
+        raise ValueError(f"unknown exposure metric {metric!r}; known: {sorted(em.data_vars)}")
+    flat = {k: em[k].isel(chain=0).transpose("subject", "draw").values for k in {metric, "b_nadir"} & set(em)}
+    x = link_values(flat, metric, _events(fit.spec), float(em.attrs.get("horizon", 365.0)))
     counts = load_published(published) if published else None
-    pm_ = _published_metrics(fit, counts, 20, seed, resolution) if counts else None
+    pm_ = (
+        _published_metrics(fit, counts, st["n_published_patients"], pos.size, seed, st["resolution"])
+        if counts
+        else None
+    )
     days = [float(d) for d in fit.spec.simulation.get("clinical_days", []) if float(d) > 0]
+    outcomes = outcomes_from_cohort(fit.cohort)
     out = sample_remission(
         x,
-        outcomes_from_cohort(fit.cohort),
+        outcomes,
         [str(s) for s in em["subject"].values],
         metric=metric,
         center=float(rem.get("center", 55.0)),
@@ -711,15 +1073,120 @@ def fit_remission(
         visit_days=days or (180.0, 365.0),
         published=counts,
         published_metrics=pm_,
-        draws=draws,
-        tune=tune,
-        chains=chains,
+        stage1_draws=pos,
+        draws=st["draws"],
+        tune=st["tune"],
+        chains=st["chains"],
         seed=seed,
+        sigma_u_prior=st["sigma_u_prior"],
+        tau_visit_prior=st["tau_visit_prior"],
     )
-    # keep the stage-1 draws used, so observed-subject predictions need no re-solve
-    out["metric_draws"] = (("subject", "metric_draw"), x, {"units": UNITS.get(metric, "")})
+    # keep the stage-1 metrics used, so observed-subject predictions need no re-solve
+    out["metric_draws"] = (("subject", "imp"), x, {"units": UNITS.get(metric, "")})
+    out = out.merge(concordance_check(out, outcomes, seed=seed))
     out.attrs.update(synthetic=int(bool(fit.synthetic)), source=FITTED_SOURCE)
     return out
+
+
+# ---------------------------------------------------------------------------------------------------
+# Posterior predictive check of within-patient concordance across visits
+# ---------------------------------------------------------------------------------------------------
+CONCORDANCE_STATS = ("never_changes", "reverses")
+
+
+def _concordance_stats(ids: np.ndarray, cat: np.ndarray) -> np.ndarray:
+    """(never_changes, reverses) for categories ``cat`` (..., visit) of visits sorted by subject and
+    day: the share of patients with ≥ 2 visits whose category is the same at every visit, and the
+    share with a fall from one visit to the next (DORIS → lower or LLDAS → none)."""
+    cat = np.asarray(cat)
+    _, start, counts = np.unique(ids, return_index=True, return_counts=True)
+    multi = counts >= 2
+    same, rev = [], []
+    for s0, n in zip(start[multi], counts[multi], strict=True):
+        c = cat[..., s0 : s0 + n]
+        same.append(np.all(c == c[..., :1], axis=-1))
+        rev.append(np.any(np.diff(c, axis=-1) < 0, axis=-1))
+    if not same:
+        return np.full((2, *cat.shape[:-1]), np.nan)
+    return np.stack([np.mean(same, axis=0), np.mean(rev, axis=0)])
+
+
+def concordance_check(
+    post: xr.Dataset, outcomes: pd.DataFrame, *, n_rep: int = 400, seed: int = 0
+) -> xr.Dataset:
+    """Posterior predictive check of persistence: the observed share of patients whose state (none /
+    LLDAS only / DORIS) never changes across their visits, and the share whose state ever falls back,
+    against ``n_rep`` replicates of the same visits drawn from the fitted link (each replicate: one
+    pooled draw, its imputation's metrics, the observed patients' own ``u``). Only visits with both
+    endpoints recorded count. Returns ``ppc_observed`` (ppc_stat) and ``ppc_replicated``
+    (ppc_stat, replicate); :func:`concordance_table` summarises them."""
+    oc = outcomes.copy()
+    oc["ID"] = oc["ID"].astype(str)
+    ids = [str(s) for s in post["subject"].values]
+    lo, hi = _category_bounds(oc["DORIS"].to_numpy(float), oc["LLDAS"].to_numpy(float))
+    sel = (lo == hi) & oc["ID"].isin(ids).to_numpy()
+    oc = oc[sel].assign(cat=lo[sel]).sort_values(["ID", "day"], kind="stable")
+    obs = _concordance_stats(oc["ID"].to_numpy(), oc["cat"].to_numpy())
+    rng = np.random.default_rng([int(seed), 7])
+    n_tot = post.sizes["chain"] * post.sizes["draw"]
+    pick = rng.choice(n_tot, size=min(n_rep, n_tot), replace=False)
+    sidx = np.array([ids.index(i) for i in oc["ID"]], int)
+    imp = np.repeat(np.asarray(post["imputation"].values, int), post.sizes["draw"])[pick]
+    x = post["metric_draws"].values[:, imp].T[:, sidx]  # (rep, visit)
+    z = (x - float(post.attrs["center"])) / float(post.attrs["scale"])
+    u = _flat(post, "u")[pick][:, sidx]
+    v = np.stack([_visit_effect(post, d)[pick] for d in oc["day"].to_numpy(float)], axis=1)
+    eta = _flat(post, "theta1")[pick][:, None] * z + u + v
+    p_l = 1 / (1 + np.exp(-(_flat(post, "theta0_lldas")[pick][:, None] + eta)))
+    p_d = 1 / (1 + np.exp(-(_flat(post, "theta0_doris")[pick][:, None] + eta)))
+    r = rng.uniform(size=p_l.shape)
+    cat = (r < p_l).astype(int) + (r < p_d).astype(int)
+    rep = _concordance_stats(oc["ID"].to_numpy(), cat)
+    return xr.Dataset(
+        {
+            "ppc_observed": (("ppc_stat",), obs),
+            "ppc_replicated": (("ppc_stat", "replicate"), rep),
+        },
+        coords={"ppc_stat": list(CONCORDANCE_STATS)},
+    )
+
+
+def concordance_table(post: xr.Dataset | str | os.PathLike) -> pd.DataFrame:
+    """The concordance check as a table: ``statistic, observed, replicated_median, replicated_q05,
+    replicated_q95, p_value`` (posterior predictive p-value, two-sided: twice the smaller tail, with
+    ties split). ``post``: a stage-2 posterior or a fit folder (its cached ``remission.nc``). Empty
+    when the link holds no check (the ASSUMED link, or no cached link)."""
+    cols = ["statistic", "observed", "replicated_median", "replicated_q05", "replicated_q95", "p_value"]
+    post = _stored_link(post)
+    if post is None or "ppc_observed" not in post:
+        return pd.DataFrame(columns=cols)
+    rows = []
+    for s in post["ppc_stat"].values:
+        o = float(post["ppc_observed"].sel(ppc_stat=s))
+        r = post["ppc_replicated"].sel(ppc_stat=s).values
+        q = np.quantile(r, [0.5, 0.05, 0.95])
+        tail = min(np.mean(r > o) + 0.5 * np.mean(r == o), np.mean(r < o) + 0.5 * np.mean(r == o))
+        rows.append([str(s), o, q[0], q[1], q[2], float(min(1.0, 2 * tail))])
+    return pd.DataFrame(rows, columns=cols)
+
+
+def concordance_line(post: xr.Dataset) -> str:
+    """One plain line on the concordance check (ok when every p-value ≥ 0.05, else FAIL)."""
+    tab = concordance_table(post)
+    if tab.empty:
+        return ""
+    if not np.all(np.isfinite(tab["observed"].to_numpy(float))):
+        return (
+            "remission visits, within-patient concordance (PPC): not available (no patient with two or "
+            "more fully scored visits)"
+        )
+    parts = [
+        f"{r.statistic.replace('_', ' ')} observed {r.observed:.2f} vs replicated {r.replicated_median:.2f} "
+        f"[{r.replicated_q05:.2f}, {r.replicated_q95:.2f}]"
+        for r in tab.itertuples()
+    ]
+    verdict = "ok" if bool((tab["p_value"] >= 0.05).all()) else "FAIL"
+    return f"remission visits, within-patient concordance (PPC): {verdict} (" + "; ".join(parts) + ")"
 
 
 def _save_atomic(ds: xr.Dataset, path: Path) -> None:
@@ -737,9 +1204,17 @@ def remission_posterior(
     **kwargs: Any,
 ) -> xr.Dataset:
     """The stage-2 posterior: read ``remission.nc`` from the fit folder when its settings match,
-    else fit it (:func:`fit_remission`) and store it there atomically."""
+    else fit it (:func:`fit_remission`) and store it there atomically. The fingerprint holds every
+    setting of ``STAGE2_DEFAULTS`` (given or default: M, chain lengths, priors, ...), the seed, the
+    metric, the link format and the hashes of the fit's files (and of the published file)."""
+    unknown = sorted(set(kwargs) - set(STAGE2_DEFAULTS))
+    if unknown:
+        raise TypeError(f"unknown remission setting(s) {unknown}; known: {sorted(STAGE2_DEFAULTS)}")
     settings = dict(
-        kwargs, seed=seed, metric=str(fit.spec.remission.get("metric", "DA")), link_format=LINK_FORMAT
+        {**STAGE2_DEFAULTS, **kwargs},
+        seed=seed,
+        metric=str(fit.spec.remission.get("metric", "DA")),
+        link_format=LINK_FORMAT,
     )
     if published:
         settings["published"] = hashlib.sha256(Path(published).read_bytes()).hexdigest()
@@ -794,13 +1269,12 @@ def remission_source(
 
 
 def _subject_predictions(post: xr.Dataset, days: Sequence[float], seed: int) -> np.ndarray:
-    """``(subject, endpoint, day, quantile)`` for observed subjects (stage-1 metric × stage-2 draws)."""
-    rng = np.random.default_rng(seed)
-    x = post["metric_draws"].values  # (subject, K)
-    nd = _flat(post, "theta1").size
+    """``(subject, endpoint, day, quantile)`` for observed subjects: each pooled link draw with the
+    metrics of its own imputation's stage-1 draw and the subject's own ``u``."""
+    x = post["metric_draws"].values  # (subject, imputation)
+    imp = np.repeat(np.asarray(post["imputation"].values, int), post.sizes["draw"])
     u = _flat(post, "u")  # (draws, subject)
-    pick = rng.integers(0, x.shape[1], size=(nd, x.shape[0]))
-    xm = x[np.arange(x.shape[0])[None, :], pick]  # (draws, subject)
+    xm = x[:, imp].T  # (draws, subject)
     out = np.zeros((x.shape[0], 2, len(days), len(QUANTILES)))
     for j, d in enumerate(days):
         pr = link_probabilities(post, xm, float(d), u)
@@ -809,14 +1283,41 @@ def _subject_predictions(post: xr.Dataset, days: Sequence[float], seed: int) -> 
     return out
 
 
+#: Link draws per kinetic draw when predictions pair them by imputation (``predict``): the
+#: population probability's quantiles then rest on M x this many values.
+LINKS_PER_IMPUTATION = 50
+
+
+def _new_patient_prediction(
+    fit: Any,
+    post: xr.Dataset,
+    regimen: Regimen,
+    days: Sequence[float],
+    n_patients: int,
+    seed: int,
+    n_draws: int | None,
+) -> xr.Dataset:
+    """New patients on ``regimen``: with a fitted (imputed) link and ``n_draws`` None, the kinetic
+    draws are the imputations' own stage-1 draws, each paired with ``LINKS_PER_IMPUTATION`` link draws
+    of its imputation (the joint posterior of exposure and link); otherwise ``n_draws`` (40 by
+    default) kinetic draws, each with one link draw (from its imputation when it has one)."""
+    paired = n_draws is None and "stage1_draw" in post.coords
+    if paired:
+        n_draws, reps = int(post.attrs.get("n_imputations", post.sizes["chain"])), LINKS_PER_IMPUTATION
+    else:
+        n_draws, reps = int(n_draws or 40), 1
+    x, s1 = _new_patient_link_values(fit, regimen, n_patients, seed, n_draws, 0.5)
+    return predict_from_metric(post, x, days, seed, stage1=s1, links_per_sample=reps)
+
+
 def predict_remission(
     fit: Any,
     regimen: Regimen | tuple | Mapping | None = None,
     visits: Sequence[float] = (180.0, 365.0),
-    n_patients: int = 20,
+    n_patients: int = 100,
     seed: int = 0,
     *,
-    n_draws: int = 40,
+    n_draws: int | None = None,
     published: str | os.PathLike | None = None,
     posterior: xr.Dataset | None = None,
     assumed: bool = False,
@@ -826,8 +1327,9 @@ def predict_remission(
 
     Returns ``p_subject`` on ``subject, endpoint, day, quantile`` (observed subjects; fitted link only)
     and, when ``regimen`` is given, ``p_population`` / ``p_individual`` (``endpoint, day, quantile``)
-    and ``p_mean`` for a new patient (``n_patients`` virtual patients per each of ``n_draws`` kinetic
-    posterior draws). Quantiles 0.05, 0.5, 0.95. The link is :func:`remission_source` (fitted and
+    and ``p_mean`` for a new patient (``n_patients`` virtual patients per kinetic draw: by default the
+    imputations' own stage-1 draws, each paired with link draws of its imputation; or ``n_draws``
+    kinetic draws, :func:`_new_patient_prediction`). Quantiles 0.05, 0.5, 0.95. The link is :func:`remission_source` (fitted and
     cached in the fit folder, or the ASSUMED file link with ``assumed=True``) unless ``posterior``
     is given; ``attrs["source"]`` says which.
     """
@@ -850,8 +1352,7 @@ def predict_remission(
         )
     metric = str(post.attrs["metric"])
     if regimen is not None:
-        x = _new_patient_link_values(fit, regimen, n_patients, seed, n_draws, 0.5)
-        ds = ds.merge(predict_from_metric(post, x, days, seed))
+        ds = ds.merge(_new_patient_prediction(fit, post, regimen, days, n_patients, seed, n_draws))
         ds.attrs.update(regimen.as_dict())
     ds["day"].attrs["units"] = "days"
     ds.attrs.update(
@@ -860,6 +1361,8 @@ def predict_remission(
         seed=int(seed),
         published=int(bool(published)),
         source=str(post.attrs.get("source", FITTED_SOURCE)),
+        diagnostics=diagnostics_line(post),
+        concordance=concordance_line(post),
     )
     return ds
 
@@ -867,10 +1370,10 @@ def predict_remission(
 def predict_by_dose_level(
     fit: Any,
     visits: Sequence[float] = (180.0, 365.0),
-    n_patients: int = 20,
+    n_patients: int = 100,
     seed: int = 0,
     *,
-    n_draws: int = 40,
+    n_draws: int | None = None,
     published: str | os.PathLike | None = None,
     assumed: bool = False,
     **fit_kwargs: Any,
@@ -881,8 +1384,7 @@ def predict_by_dose_level(
     labels = list(fit.spec.dose_levels)
     for lab in labels:
         reg = Regimen.from_dose_level(fit.spec.dose_levels[lab])
-        x = _new_patient_link_values(fit, reg, n_patients, seed, n_draws, 0.5)
-        p = predict_from_metric(post, x, visits, seed)
+        p = _new_patient_prediction(fit, post, reg, visits, n_patients, seed, n_draws)
         for k, v in reg.as_dict().items():
             p[k] = v
         parts.append(p)
@@ -892,6 +1394,8 @@ def predict_by_dose_level(
         synthetic=int(bool(fit.synthetic)),
         seed=int(seed),
         source=str(post.attrs.get("source", FITTED_SOURCE)),
+        diagnostics=diagnostics_line(post),
+        concordance=concordance_line(post),
     )
     return ds
 
@@ -915,7 +1419,7 @@ def run_predict(
     fit: Any,
     regimen: Regimen | None = None,
     visits: Sequence[float] = (180.0, 365.0),
-    n_patients: int = 20,
+    n_patients: int = 100,
     seed: int = 0,
     *,
     published: str | os.PathLike | None = None,
