@@ -174,7 +174,10 @@ def test_shrinkage_on_hand_built_posterior():
 
 
 def test_sdtab_columns_and_rows(fit_copy):
-    sd = sdtab(fit_copy, N_DRAWS, seed=2)
+    from carnk_pkpd.evaluation import ewres, npde, simulate_replicates
+
+    reps = simulate_replicates(fit_copy, 60, seed=2)
+    sd = sdtab(fit_copy, N_DRAWS, seed=2, replicates=reps)
     base = [
         "ID",
         "TIME",
@@ -187,8 +190,9 @@ def test_sdtab_columns_and_rows(fit_copy):
         "LLOQ",
         "PRED",
         "IPRED",
+        "EPRED",
         "IWRES",
-        "PDE_FITTED",
+        "EWRES",
         "NPDE",
     ]
     assert list(sd.columns) == base + ["ETA1", "ETA2", "ETA3", "ETA4"]
@@ -202,7 +206,14 @@ def test_sdtab_columns_and_rows(fit_copy):
     both = obs.merge(rec, on=key, suffixes=("", "_rec"))
     assert len(both) == len(obs)
     np.testing.assert_allclose(both["DV"], both["DV_rec"])
-    assert np.isfinite(obs[["PRED", "IPRED", "PDE_FITTED"]].to_numpy()).all()
+    assert np.isfinite(obs[["PRED", "IPRED", "EPRED", "NPDE"]].to_numpy()).all()
+    # EPRED = the replicates' mean per record, EWRES/NPDE from the same replicates, in record order
+    np.testing.assert_allclose(obs["EPRED"], reps["y"].values.mean(axis=0))
+    np.testing.assert_allclose(obs["EWRES"], ewres(reps), equal_nan=True)
+    np.testing.assert_allclose(obs["NPDE"], npde(reps, 2)["npde"], equal_nan=True)
+    assert obs.loc[obs["BLQ"] == 1, "EWRES"].isna().all()
+    assert np.isfinite(obs.loc[obs["BLQ"] == 0, "EWRES"]).all()
+    assert not {"CWRES", "PDE_FITTED"} & set(sd.columns)
     assert (obs["IPRED"] > 0).all()
     # dosing and lymphodepletion rows, in the cohort's order
     df = fit_copy.cohort.to_dataframe()
@@ -210,7 +221,7 @@ def test_sdtab_columns_and_rows(fit_copy):
     expected = df[df["EVID"].isin([1, 2])]
     assert len(doses) == len(expected) and (doses["MDV"] == 1).all()
     np.testing.assert_allclose(doses["AMT"], expected["AMT"].fillna(0.0))
-    assert doses[["DV", "PRED", "IPRED", "IWRES", "PDE_FITTED"]].isna().all().all()
+    assert doses[["DV", "PRED", "IPRED", "EPRED", "IWRES", "EWRES", "NPDE"]].isna().all().all()
     for sid, g in sd.groupby("ID", sort=False):
         assert g["TIME"].is_monotonic_increasing, sid
     # ETAj: posterior mean of omega_p * eta_p,i, constant within a subject
@@ -219,6 +230,33 @@ def test_sdtab_columns_and_rows(fit_copy):
     first = sd.groupby("ID", sort=False)["ETA1"].agg(["first", "nunique"])
     np.testing.assert_allclose(first["first"], eta1)
     assert (first["nunique"] == 1).all()
+
+
+def test_patab_and_cotab(fit_copy):
+    """patab: posterior median of each subject's natural-scale parameters and the sdtab's ETAs;
+    cotab: dose and dose level read back from the cohort's EVID=1 rows."""
+    from carnk_pkpd.export import cotab, patab
+
+    pa = patab(fit_copy)
+    ind = fit_copy.individual_parameters().stack(sample=("chain", "draw"))
+    assert {"f_bl", "k_rej", "B0", "MTT", "ETA1", "ETA4"} <= set(pa.columns)
+    np.testing.assert_allclose(pa["k_rej"], ind["k_rej"].median("sample").values)
+    post = fit_copy.posterior
+    np.testing.assert_allclose(pa["ETA2"], (post["omega_k_rej"] * post["eta_k_rej"]).mean(("chain", "draw")))
+    # exp(ETA) is the subject's deviation from its typical value: log(f_bl_i / median f_bl_i) tracks ETA1
+    assert np.corrcoef(np.log(pa["f_bl"]), pa["ETA1"])[0, 1] > 0.9
+    assert "n_transit" not in pa  # fixed, identical for every subject
+    assert any("ETA1=f_bl" in c for c in pa.attrs["comments"])
+    co = cotab(fit_copy)
+    df = fit_copy.cohort.to_dataframe()
+    first = df[df["EVID"] == 1].groupby("ID", sort=False).agg(AMT=("AMT", "first"), N=("AMT", "size"),
+                                                                TOT=("AMT", "sum"), DL=("DL", "first"))  # fmt: skip
+    first.index = first.index.astype(str)
+    co = co.set_index("ID").loc[first.index]
+    np.testing.assert_allclose(co["DOSE"], first["AMT"])
+    np.testing.assert_allclose(co["TOTDOSE"], first["TOT"])
+    assert (co["NINF"] == first["N"]).all() and (co["DL"] == first["DL"].astype(str)).all()
+    assert set(fit_copy.cohort.covariate_names) <= set(co.columns)
 
 
 def test_posterior_predictive_shapes(fit_copy):
@@ -239,13 +277,19 @@ def test_each_format_readable(fit_copy, tmp_path, fmt):
     assert not leftovers  # no temporary files left; only the marker of the folder's owner
     names = {p.name for p in paths}
     if fmt == "csv":
-        assert names == {"parameters.csv", "subjects.csv", "sdtab.csv", "ext.csv"}
+        assert names == {"parameters.csv", "subjects.csv", "sdtab.csv", "ext.csv", "patab.csv", "cotab.csv"}
+        from carnk_pkpd.atomic import read_marker
+
+        assert {"patab.csv", "cotab.csv"} <= set(read_marker(tmp_path / fmt)["files"])
+        pa = pd.read_csv(tmp_path / fmt / "patab.csv", comment="#", dtype={"ID": str})
+        co = pd.read_csv(tmp_path / fmt / "cotab.csv", comment="#", dtype={"ID": str})
+        assert list(pa["ID"]) == list(co["ID"]) == [str(i) for i in fit_copy.cohort.ids]
         par = pd.read_csv(tmp_path / fmt / "parameters.csv", comment="#")
         assert par["label"].str.match(r"^(THETA|OMEGA|SIGMA)\(").any()
         text = (tmp_path / fmt / "sdtab.csv").read_text(encoding="utf-8")
         assert re.search(r"^# ETA columns .*ETA1=f_bl", text, re.M)
         sdt = pd.read_csv(tmp_path / fmt / "sdtab.csv", comment="#")
-        assert {"EVID", "MDV", "AMT", "IWRES", "PDE_FITTED", "NPDE", "ETA1"} <= set(sdt.columns)
+        assert {"EVID", "MDV", "AMT", "EPRED", "IWRES", "EWRES", "NPDE", "ETA1"} <= set(sdt.columns)
         for f in ("parameters.csv", "sdtab.csv", "ext.csv"):  # 6 significant digits, not 17
             body = (tmp_path / fmt / f).read_text(encoding="utf-8")
             assert _max_significant_digits(body) <= 6, f
