@@ -29,7 +29,12 @@ from carnk_pkpd.export import (
 )
 
 N_DRAWS = 20
-CHROMIUM = Path("/usr/bin/chromium")
+CHROMIUM = Path(
+    shutil.which("chromium")
+    or shutil.which("chromium-browser")
+    or shutil.which("google-chrome")
+    or "/nonexistent"
+)
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
 
@@ -54,11 +59,31 @@ def fit_copy(small_fit, tmp_path_factory):
     return load_fit(dest)
 
 
+#: Files other commands leave in a fit folder, which the report shows when present (hand-made rows with
+#: the real column names; the ranking has more columns than the report shows).
+OTHER_OUTPUTS = {
+    "compare/compare.csv": "model,rank,elpd_loo,se,elpd_diff,dse,p_loo,weight,n_records,good_k,k_good,k_bad,"
+    "k_very_bad,warning\nreference,0,-512.3,20.1,0,0,30.2,0.9,700,0.7,700,0,0,False\n"
+    "stein,1,-530.8,21.0,-18.5,6.1,28.4,0.1,700,0.7,699,1,0,True\n",
+    "predict/remission.csv": "# SYNTHETIC\nendpoint,day,median,q05,q95,dose,interval,n_infusions,ld_scale,mean\n"
+    "DORIS,180,0.41,0.22,0.63,2.0,7,3,1.0,0.42\nLLDAS,365,0.61,0.40,0.80,2.0,7,3,1.0,0.60\n",
+    "doses/ranking.csv": "regimen,dose,interval,n_infusions,ld_scale,total_cells,"
+    + ",".join(f"m{k}_q05,m{k}_median,m{k}_q95,m{k}_median_mcse" for k in range(8))
+    + ",p_best,utility,rank\n"
+    + "2x3 q7d,2,7,3,1,6,"
+    + ",".join("0.1,0.2,0.3,0.01" for _ in range(8))
+    + ",0.6,0.5,1\n",
+}
+
+
 @pytest.fixture(scope="module")
 def report_html(fit_copy) -> Path:
     from carnk_pkpd.report import write_report
 
-    return write_report(fit_copy, n_draws=N_DRAWS, seed=1)
+    for rel, text in OTHER_OUTPUTS.items():
+        (fit_copy.path / rel).parent.mkdir(exist_ok=True)
+        (fit_copy.path / rel).write_text(text, encoding="utf-8")
+    return write_report(fit_copy, n_draws=N_DRAWS, seed=1, n_replicates=100)
 
 
 def test_parameter_table_labels_and_cv(fit_copy):
@@ -318,11 +343,26 @@ def test_each_format_readable(fit_copy, tmp_path, fmt):
 def test_report_structure(report_html, fit_copy):
     assert report_html == fit_copy.path / "report.html"
     text = report_html.read_text(encoding="utf-8")
-    for sid in ("parameters", "shrinkage", "gof", "vpc", "individual", "diagnostics", "manifest"):
-        assert f'<section id="{sid}">' in text, sid
+    from carnk_pkpd.report import SECTIONS
+
+    found = re.findall(r'<section id="([a-z]+)">', text)
+    assert found == list(SECTIONS)  # every section, in order (loo/remission/doses: their files are present)
+    # diagnostics say ok/FAIL plainly: this short fit fails R-hat/ESS
+    diag = text.split('<section id="diagnostics">')[1].split("</section>")[0]
+    assert "FAIL: the fit fails its sampler diagnostics" in diag
+    assert re.search(r">max R-hat<.*?>FAIL<", diag, re.S) and re.search(r">divergent transitions<", diag)
+    # GOF per analyte, every subject's fit with its page, the LOO / remission / ranking tables
+    assert text.count("<figcaption>Page 1 of 1: subjects") == 1
+    for sid in fit_copy.cohort.ids:
+        assert re.search(rf"<figcaption>Page 1 of 1: subjects [^<]*\b{re.escape(str(sid))}\b", text), sid
+    loo = text.split('<section id="loo">')[1].split("</section>")[0]
+    assert "elpd_diff" in loo and "-18.5" in loo and "compare/compare.csv" in loo
+    assert "DORIS" in text.split('<section id="remission">')[1].split("</section>")[0]
+    ranking = text.split('<section id="doses">')[1].split("</section>")[0]
+    assert "2x3 q7d" in ranking and "more columns in the file" in ranking and "m0_q05" not in ranking
     assert 'id="synthetic-banner"' in text
     srcs = re.findall(r'<img[^>]*src="([^"]+)"', text)
-    assert len(srcs) >= 6
+    assert len(srcs) >= 9
     for src in srcs:
         assert src.startswith("data:image/png;base64,")
         assert base64.b64decode(src.split(",", 1)[1]).startswith(PNG_MAGIC)
@@ -330,20 +370,60 @@ def test_report_structure(report_html, fit_copy):
     assert not re.search(r'(src|href)="(https?:|file:)', text)  # self-contained
 
 
+def test_individual_fits_are_paged_and_show_every_subject(fit_copy):
+    """Three subjects at two per page: pages "1 of 2" (two IDs) and "2 of 2" (the third)."""
+    from carnk_pkpd.predictive import individual_curves
+    from carnk_pkpd.report import individual_pages
+
+    curves = individual_curves(fit_copy, 5, seed=0, n_times=20)
+    sd = sdtab(fit_copy, 5, seed=0, npde_replicates=5)
+    pages = individual_pages(curves, sd[sd["EVID"] == 0], True, per_page=2)
+    ids = [str(s) for s in fit_copy.cohort.ids]
+    assert [cap for cap, _ in pages] == [
+        f"Page 1 of 2: subjects {ids[0]}, {ids[1]}",
+        f"Page 2 of 2: subjects {ids[2]}",
+    ]
+    assert all(base64.b64decode(png).startswith(PNG_MAGIC) for _, png in pages)
+
+
+def test_diagnostics_table_says_ok_or_fail_per_check():
+    from carnk_pkpd.diagnostics import Diagnostics
+    from carnk_pkpd.report import diagnostics_table
+
+    good = Diagnostics(4, 1000, 1.004, 900.0, 700.0, 0, 0.9, 7, 0.0)
+    bad = Diagnostics(4, 1000, 1.02, 350.0, 700.0, 3, 0.9, 10, 0.05)
+    assert (diagnostics_table(good)["status"] == "ok").all()
+    status = diagnostics_table(bad).set_index("check")["status"]
+    assert list(status[status == "FAIL"].index) == [
+        "max R-hat", "min bulk ESS", "divergent transitions", "draws at max tree depth (%)"]  # fmt: skip
+
+
 def test_report_in_headless_chromium(report_html, tmp_path):
     if not CHROMIUM.exists():
-        pytest.skip("/usr/bin/chromium is missing (CI: apt-get install -y chromium)")
+        pytest.skip(
+            "no chromium, chromium-browser or google-chrome on PATH (CI: apt-get install -y chromium)"
+        )
     args = [str(CHROMIUM), "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
             "--disable-background-networking", "--disable-component-update", "--disable-sync",
             f"--user-data-dir={tmp_path / 'profile'}"]  # fmt: skip
     url = report_html.resolve().as_uri()
     dom = subprocess.run([*args, "--dump-dom", url], capture_output=True, text=True, timeout=120, check=True)
-    for heading in ("Parameters (THETA / OMEGA / SIGMA)", "η-shrinkage", "Goodness of fit",
-                    "Visual predictive checks", "Individual fits", "Sampler diagnostics", "Manifest",
+    for heading in ("Parameters (THETA / OMEGA / SIGMA)", "η-shrinkage", "Goodness of fit (per analyte)",
+                    "NPDE", "ETA panels", "Visual predictive checks", "Individual fits", "Sampler diagnostics",
+                    "Model comparison (PSIS-LOO)", "Remission predictions", "Dose ranking", "Manifest",
                     "SYNTHETIC DATA"):  # fmt: skip
         assert heading in dom.stdout, heading
+    # readable at 1280 px: nothing wider than the window (a copy of the page reports its scroll width)
+    probe = tmp_path / "probe.html"
+    probe.write_text(report_html.read_text(encoding="utf-8").replace(
+        "</body>", "<script>document.body.dataset.scrollWidth = document.documentElement.scrollWidth"
+        "</script></body>"), encoding="utf-8")  # fmt: skip
+    dom = subprocess.run([*args, "--window-size=1280,1000", "--dump-dom", probe.as_uri()], capture_output=True,
+                         text=True, timeout=120, check=True)  # fmt: skip
+    width = int(re.search(r'data-scroll-width="(\d+)"', dom.stdout).group(1))
+    assert 0 < width <= 1280, width
     shot = tmp_path / "shot.png"
-    subprocess.run([*args, f"--screenshot={shot}", "--window-size=1200,2000", url],
+    subprocess.run([*args, f"--screenshot={shot}", "--window-size=1280,2400", url],
                    capture_output=True, timeout=120, check=True)  # fmt: skip
     assert shot.stat().st_size > 10_000
     assert shot.read_bytes().startswith(PNG_MAGIC)

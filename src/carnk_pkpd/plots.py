@@ -80,17 +80,22 @@ def lowess(x: np.ndarray, y: np.ndarray, frac: float = 2 / 3, iterations: int = 
     return out
 
 
-def _smooth_line(ax: Any, x: np.ndarray, y: np.ndarray, log_x: bool, log_y: bool, **kw: Any) -> None:
-    """Draw the LOWESS of y on x (on the log scale of a log axis)."""
+def _smooth_line(ax: Any, x: np.ndarray, y: np.ndarray, log_x: bool, log_y: bool, **kw: Any) -> bool:
+    """Draw the LOWESS of y on x (on the log scale of a log axis); False when too few points (< 5)."""
     x, y = np.asarray(x, float), np.asarray(y, float)
-    ok = np.isfinite(x) & np.isfinite(y) & (~log_x | (x > 0)) & (~log_y | (y > 0))
+    ok = np.isfinite(x) & np.isfinite(y)
+    if log_x:
+        ok &= x > 0
+    if log_y:
+        ok &= y > 0
     if ok.sum() < 5:
-        return
+        return False
     tx = np.log(x[ok]) if log_x else x[ok]
     ty = np.log(y[ok]) if log_y else y[ok]
     order = np.argsort(tx)
     sm = lowess(tx[order], ty[order])
     ax.plot(np.exp(tx[order]) if log_x else tx[order], np.exp(sm) if log_y else sm, **kw)
+    return True
 
 
 def gof(sd: pd.DataFrame, synthetic: bool = False) -> Figure:
@@ -215,8 +220,9 @@ def eta_panels(etas: pd.DataFrame, eta_names: dict[str, str], synthetic: bool = 
             d = etas["DOSE"].to_numpy(float)
             b.scatter(d, x, s=14, color="tab:orange")
             ok = np.isfinite(d) & np.isfinite(x)
-            if np.unique(d[ok]).size >= 3:
-                _smooth_line(b, d[ok], x[ok], False, False, color="tab:red", lw=1.5, label="LOWESS")
+            if np.unique(d[ok]).size >= 3 and _smooth_line(
+                b, d[ok], x[ok], False, False, color="tab:red", lw=1.5, label="LOWESS"
+            ):
                 b.legend(fontsize=7)
             b.set_xlabel("dose per infusion (10⁹ cells)")
         b.axhline(0.0, color="grey", lw=1)
