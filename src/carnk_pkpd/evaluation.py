@@ -500,7 +500,8 @@ def write_evaluation(
     by_dose_level: bool = False,
 ) -> tuple[list[Path], pd.DataFrame]:
     """Simulate ``n_replicates`` replicates of new subjects at the fit's design and write the VPC
-    (``pc``: pcVPC; ``by_dose_level``: one panel per dose level) and NPDE tables and figures.
+    (``pc``: pcVPC; ``by_dose_level``: one panel per dose level) and NPDE tables and figures
+    (``npde.csv`` also holds each record's EPRED and EWRES from the same replicates).
 
     The output rule of :mod:`carnk_pkpd.atomic` applies (a new folder is created whole; in an existing
     one only new names or this command's own earlier files are replaced), files go through a
@@ -515,6 +516,7 @@ def write_evaluation(
     reps = simulate_replicates(fit, n_replicates, seed)
     table = vpc_table(reps, pc=pc, by_dose_level=by_dose_level)
     nd = npde(reps, seed)
+    nd["EWRES"] = ewres(reps)
     tests = npde_tests(nd)
     synthetic = bool(getattr(fit, "synthetic", False))
     opts = f" --replicates {n_replicates} --seed {seed}" + (" --pc" if pc else "")
