@@ -376,8 +376,9 @@ def test_individual_fits_are_paged_and_show_every_subject(fit_copy):
     from carnk_pkpd.report import individual_pages
 
     curves = individual_curves(fit_copy, 5, seed=0, n_times=20)
-    sd = sdtab(fit_copy, 5, seed=0, npde_replicates=5)
-    pages = individual_pages(curves, sd[sd["EVID"] == 0], True, per_page=2)
+    rec = fit_copy.idata["constant_data"].to_dataset()
+    records = pd.DataFrame({k: rec[k].values for k in ("ID", "TIME", "DVID", "DV", "BLQ", "LLOQ")})
+    pages = individual_pages(curves, records, True, per_page=2)
     ids = [str(s) for s in fit_copy.cohort.ids]
     assert [cap for cap, _ in pages] == [
         f"Page 1 of 2: subjects {ids[0]}, {ids[1]}",
