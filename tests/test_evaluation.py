@@ -274,3 +274,86 @@ def test_vpc_strata_follow_the_dose_level():
         15.0
     )
     assert (split["bin"] == 14.0).all() and (split["n"] == 2).all()
+
+
+def _gaussian_reps(sims: np.ndarray, obs: np.ndarray, n_sub: int, n_rec: int, dvid: int = 2, **extra):
+    """Replicates Dataset of ``n_sub`` subjects × ``n_rec`` records (subject-major), one DVID."""
+    n = n_sub * n_rec
+    coords = {
+        "ID": ("record", np.repeat(np.arange(n_sub), n_rec).astype(str)),
+        "TIME": ("record", np.tile(np.arange(n_rec, dtype=float), n_sub)),
+        "DVID": ("record", np.full(n, dvid)),
+        "DV": ("record", obs),
+        "BLQ": ("record", np.zeros(n, int)),
+        "LLOQ": ("record", np.zeros(n)),
+        "PRED": ("record", np.ones(n)),
+    }
+    coords.update(extra)
+    return xr.Dataset(
+        {"y": (("replicate", "record"), sims), "blq": (("replicate", "record"), np.zeros_like(sims, bool))},
+        coords=coords,
+        attrs={"log_dvids": [1]},
+    )
+
+
+def test_ewres_matches_the_exact_inverse_square_root():
+    """Gaussian records with a known mean and within-subject covariance: EWRES from 20000 replicates
+    equals Σ^{-1/2}(y − μ) computed from the TRUE Σ and μ (scipy sqrtm, an independent route) to
+    Monte Carlo accuracy, and is uncorrelated and standard normal over many subjects."""
+    from scipy.linalg import inv, sqrtm
+
+    from carnk_pkpd.evaluation import ewres
+
+    rng = np.random.default_rng(7)
+    n_rec, k = 4, 20000
+    mu = np.array([10.0, 20.0, 15.0, 5.0])
+    a = rng.standard_normal((n_rec, n_rec))
+    cov = a @ a.T + 0.5 * np.eye(n_rec)
+    chol = np.linalg.cholesky(cov)
+    exact_w = np.real(inv(sqrtm(cov)))
+    n_sub = 3
+    sims = (rng.standard_normal((k, n_sub, n_rec)) @ chol.T + mu).reshape(k, -1)
+    obs = (rng.standard_normal((n_sub, n_rec)) @ chol.T + mu).reshape(-1)
+    got = ewres(_gaussian_reps(sims, obs, n_sub, n_rec)).reshape(n_sub, n_rec)
+    exact = (obs.reshape(n_sub, n_rec) - mu) @ exact_w.T
+    np.testing.assert_allclose(got, exact, atol=0.05)
+
+    # many subjects, fewer replicates: decorrelated, mean 0, variance 1
+    n_sub, k = 400, 1000
+    sims = (rng.standard_normal((k, n_sub, n_rec)) @ chol.T + mu).reshape(k, -1)
+    obs = (rng.standard_normal((n_sub, n_rec)) @ chol.T + mu).reshape(-1)
+    z = ewres(_gaussian_reps(sims, obs, n_sub, n_rec)).reshape(n_sub, n_rec)
+    assert abs(z.mean()) < 0.1 and 0.85 < z.var() < 1.15
+    raw = obs.reshape(n_sub, n_rec)
+    assert (
+        abs(np.corrcoef(raw[:, 0], raw[:, 1])[0, 1]) > 0.3
+        or abs(np.corrcoef(raw[:, 2], raw[:, 3])[0, 1]) > 0.3
+    )
+    assert np.abs(np.corrcoef(z, rowvar=False) - np.eye(n_rec)).max() < 0.15
+
+
+def test_ewres_of_log_normal_records_is_taken_on_the_log_scale_and_skips_blq():
+    """A log-normal DVID (1): EWRES equals the Gaussian EWRES of log(y); a BLQ record gets NaN and the
+    rest of its subject is decorrelated without it."""
+    from carnk_pkpd.evaluation import ewres
+
+    rng = np.random.default_rng(8)
+    n_sub, n_rec, k = 5, 3, 2000
+    cov = 0.3 + 0.2 * np.eye(n_rec)
+    chol = np.linalg.cholesky(cov)
+    log_sims = (rng.standard_normal((k, n_sub, n_rec)) @ chol.T + 2.0).reshape(k, -1)
+    log_obs = (rng.standard_normal((n_sub, n_rec)) @ chol.T + 2.0).reshape(-1)
+    on_log = ewres(_gaussian_reps(log_sims, log_obs, n_sub, n_rec, dvid=2))
+    natural = ewres(_gaussian_reps(np.exp(log_sims), np.exp(log_obs), n_sub, n_rec, dvid=1))
+    np.testing.assert_allclose(natural, on_log, rtol=1e-9, atol=1e-9)
+    blq = np.zeros(n_sub * n_rec, int)
+    blq[0] = 1
+    censored = ewres(_gaussian_reps(np.exp(log_sims), np.exp(log_obs), n_sub, n_rec, dvid=1,
+                                    BLQ=("record", blq)))  # fmt: skip
+    assert np.isnan(censored[0]) and np.isfinite(censored[1:]).all()
+    # subject 0 without its first record: the 2x2 block of the remaining records, exact route
+    block = np.log(np.exp(log_sims[:, 1:3]))
+    d = log_obs[1:3] - block.mean(axis=0)
+    lam, vec = np.linalg.eigh(np.cov(block, rowvar=False))
+    np.testing.assert_allclose(censored[1:3], (vec / np.sqrt(lam)) @ vec.T @ d, rtol=1e-9)
+    np.testing.assert_allclose(censored[3:], natural[3:], rtol=1e-9)

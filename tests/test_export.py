@@ -29,7 +29,12 @@ from carnk_pkpd.export import (
 )
 
 N_DRAWS = 20
-CHROMIUM = Path("/usr/bin/chromium")
+CHROMIUM = Path(
+    shutil.which("chromium")
+    or shutil.which("chromium-browser")
+    or shutil.which("google-chrome")
+    or "/nonexistent"
+)
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
 
@@ -54,11 +59,31 @@ def fit_copy(small_fit, tmp_path_factory):
     return load_fit(dest)
 
 
+#: Files other commands leave in a fit folder, which the report shows when present (hand-made rows with
+#: the real column names; the ranking has more columns than the report shows).
+OTHER_OUTPUTS = {
+    "compare/compare.csv": "model,rank,elpd_loo,se,elpd_diff,dse,p_loo,weight,n_records,good_k,k_good,k_bad,"
+    "k_very_bad,warning\nreference,0,-512.3,20.1,0,0,30.2,0.9,700,0.7,700,0,0,False\n"
+    "stein,1,-530.8,21.0,-18.5,6.1,28.4,0.1,700,0.7,699,1,0,True\n",
+    "predict/remission.csv": "# SYNTHETIC\nendpoint,day,median,q05,q95,dose,interval,n_infusions,ld_scale,mean\n"
+    "DORIS,180,0.41,0.22,0.63,2.0,7,3,1.0,0.42\nLLDAS,365,0.61,0.40,0.80,2.0,7,3,1.0,0.60\n",
+    "doses/ranking.csv": "regimen,dose,interval,n_infusions,ld_scale,total_cells,"
+    + ",".join(f"m{k}_q05,m{k}_median,m{k}_q95,m{k}_median_mcse" for k in range(8))
+    + ",p_best,utility,rank\n"
+    + "2x3 q7d,2,7,3,1,6,"
+    + ",".join("0.1,0.2,0.3,0.01" for _ in range(8))
+    + ",0.6,0.5,1\n",
+}
+
+
 @pytest.fixture(scope="module")
 def report_html(fit_copy) -> Path:
     from carnk_pkpd.report import write_report
 
-    return write_report(fit_copy, n_draws=N_DRAWS, seed=1)
+    for rel, text in OTHER_OUTPUTS.items():
+        (fit_copy.path / rel).parent.mkdir(exist_ok=True)
+        (fit_copy.path / rel).write_text(text, encoding="utf-8")
+    return write_report(fit_copy, n_draws=N_DRAWS, seed=1, n_replicates=100)
 
 
 def test_parameter_table_labels_and_cv(fit_copy):
@@ -174,7 +199,10 @@ def test_shrinkage_on_hand_built_posterior():
 
 
 def test_sdtab_columns_and_rows(fit_copy):
-    sd = sdtab(fit_copy, N_DRAWS, seed=2)
+    from carnk_pkpd.evaluation import ewres, npde, simulate_replicates
+
+    reps = simulate_replicates(fit_copy, 60, seed=2)
+    sd = sdtab(fit_copy, N_DRAWS, seed=2, replicates=reps)
     base = [
         "ID",
         "TIME",
@@ -187,8 +215,9 @@ def test_sdtab_columns_and_rows(fit_copy):
         "LLOQ",
         "PRED",
         "IPRED",
+        "EPRED",
         "IWRES",
-        "PDE_FITTED",
+        "EWRES",
         "NPDE",
     ]
     assert list(sd.columns) == base + ["ETA1", "ETA2", "ETA3", "ETA4"]
@@ -202,7 +231,14 @@ def test_sdtab_columns_and_rows(fit_copy):
     both = obs.merge(rec, on=key, suffixes=("", "_rec"))
     assert len(both) == len(obs)
     np.testing.assert_allclose(both["DV"], both["DV_rec"])
-    assert np.isfinite(obs[["PRED", "IPRED", "PDE_FITTED"]].to_numpy()).all()
+    assert np.isfinite(obs[["PRED", "IPRED", "EPRED", "NPDE"]].to_numpy()).all()
+    # EPRED = the replicates' mean per record, EWRES/NPDE from the same replicates, in record order
+    np.testing.assert_allclose(obs["EPRED"], reps["y"].values.mean(axis=0))
+    np.testing.assert_allclose(obs["EWRES"], ewres(reps), equal_nan=True)
+    np.testing.assert_allclose(obs["NPDE"], npde(reps, 2)["npde"], equal_nan=True)
+    assert obs.loc[obs["BLQ"] == 1, "EWRES"].isna().all()
+    assert np.isfinite(obs.loc[obs["BLQ"] == 0, "EWRES"]).all()
+    assert not {"CWRES", "PDE_FITTED"} & set(sd.columns)
     assert (obs["IPRED"] > 0).all()
     # dosing and lymphodepletion rows, in the cohort's order
     df = fit_copy.cohort.to_dataframe()
@@ -210,7 +246,7 @@ def test_sdtab_columns_and_rows(fit_copy):
     expected = df[df["EVID"].isin([1, 2])]
     assert len(doses) == len(expected) and (doses["MDV"] == 1).all()
     np.testing.assert_allclose(doses["AMT"], expected["AMT"].fillna(0.0))
-    assert doses[["DV", "PRED", "IPRED", "IWRES", "PDE_FITTED"]].isna().all().all()
+    assert doses[["DV", "PRED", "IPRED", "EPRED", "IWRES", "EWRES", "NPDE"]].isna().all().all()
     for sid, g in sd.groupby("ID", sort=False):
         assert g["TIME"].is_monotonic_increasing, sid
     # ETAj: posterior mean of omega_p * eta_p,i, constant within a subject
@@ -219,6 +255,33 @@ def test_sdtab_columns_and_rows(fit_copy):
     first = sd.groupby("ID", sort=False)["ETA1"].agg(["first", "nunique"])
     np.testing.assert_allclose(first["first"], eta1)
     assert (first["nunique"] == 1).all()
+
+
+def test_patab_and_cotab(fit_copy):
+    """patab: posterior median of each subject's natural-scale parameters and the sdtab's ETAs;
+    cotab: dose and dose level read back from the cohort's EVID=1 rows."""
+    from carnk_pkpd.export import cotab, patab
+
+    pa = patab(fit_copy)
+    ind = fit_copy.individual_parameters().stack(sample=("chain", "draw"))
+    assert {"f_bl", "k_rej", "B0", "MTT", "ETA1", "ETA4"} <= set(pa.columns)
+    np.testing.assert_allclose(pa["k_rej"], ind["k_rej"].median("sample").values)
+    post = fit_copy.posterior
+    np.testing.assert_allclose(pa["ETA2"], (post["omega_k_rej"] * post["eta_k_rej"]).mean(("chain", "draw")))
+    # exp(ETA) is the subject's deviation from its typical value: log(f_bl_i / median f_bl_i) tracks ETA1
+    assert np.corrcoef(np.log(pa["f_bl"]), pa["ETA1"])[0, 1] > 0.9
+    assert "n_transit" not in pa  # fixed, identical for every subject
+    assert any("ETA1=f_bl" in c for c in pa.attrs["comments"])
+    co = cotab(fit_copy)
+    df = fit_copy.cohort.to_dataframe()
+    first = df[df["EVID"] == 1].groupby("ID", sort=False).agg(AMT=("AMT", "first"), N=("AMT", "size"),
+                                                                TOT=("AMT", "sum"), DL=("DL", "first"))  # fmt: skip
+    first.index = first.index.astype(str)
+    co = co.set_index("ID").loc[first.index]
+    np.testing.assert_allclose(co["DOSE"], first["AMT"])
+    np.testing.assert_allclose(co["TOTDOSE"], first["TOT"])
+    assert (co["NINF"] == first["N"]).all() and (co["DL"] == first["DL"].astype(str)).all()
+    assert set(fit_copy.cohort.covariate_names) <= set(co.columns)
 
 
 def test_posterior_predictive_shapes(fit_copy):
@@ -239,13 +302,19 @@ def test_each_format_readable(fit_copy, tmp_path, fmt):
     assert not leftovers  # no temporary files left; only the marker of the folder's owner
     names = {p.name for p in paths}
     if fmt == "csv":
-        assert names == {"parameters.csv", "subjects.csv", "sdtab.csv", "ext.csv"}
+        assert names == {"parameters.csv", "subjects.csv", "sdtab.csv", "ext.csv", "patab.csv", "cotab.csv"}
+        from carnk_pkpd.atomic import read_marker
+
+        assert {"patab.csv", "cotab.csv"} <= set(read_marker(tmp_path / fmt)["files"])
+        pa = pd.read_csv(tmp_path / fmt / "patab.csv", comment="#", dtype={"ID": str})
+        co = pd.read_csv(tmp_path / fmt / "cotab.csv", comment="#", dtype={"ID": str})
+        assert list(pa["ID"]) == list(co["ID"]) == [str(i) for i in fit_copy.cohort.ids]
         par = pd.read_csv(tmp_path / fmt / "parameters.csv", comment="#")
         assert par["label"].str.match(r"^(THETA|OMEGA|SIGMA)\(").any()
         text = (tmp_path / fmt / "sdtab.csv").read_text(encoding="utf-8")
         assert re.search(r"^# ETA columns .*ETA1=f_bl", text, re.M)
         sdt = pd.read_csv(tmp_path / fmt / "sdtab.csv", comment="#")
-        assert {"EVID", "MDV", "AMT", "IWRES", "PDE_FITTED", "NPDE", "ETA1"} <= set(sdt.columns)
+        assert {"EVID", "MDV", "AMT", "EPRED", "IWRES", "EWRES", "NPDE", "ETA1"} <= set(sdt.columns)
         for f in ("parameters.csv", "sdtab.csv", "ext.csv"):  # 6 significant digits, not 17
             body = (tmp_path / fmt / f).read_text(encoding="utf-8")
             assert _max_significant_digits(body) <= 6, f
@@ -274,11 +343,26 @@ def test_each_format_readable(fit_copy, tmp_path, fmt):
 def test_report_structure(report_html, fit_copy):
     assert report_html == fit_copy.path / "report.html"
     text = report_html.read_text(encoding="utf-8")
-    for sid in ("parameters", "shrinkage", "gof", "vpc", "individual", "diagnostics", "manifest"):
-        assert f'<section id="{sid}">' in text, sid
+    from carnk_pkpd.report import SECTIONS
+
+    found = re.findall(r'<section id="([a-z]+)">', text)
+    assert found == list(SECTIONS)  # every section, in order (loo/remission/doses: their files are present)
+    # diagnostics say ok/FAIL plainly: this short fit fails R-hat/ESS
+    diag = text.split('<section id="diagnostics">')[1].split("</section>")[0]
+    assert "FAIL: the fit fails its sampler diagnostics" in diag
+    assert re.search(r">max R-hat<.*?>FAIL<", diag, re.S) and re.search(r">divergent transitions<", diag)
+    # GOF per analyte, every subject's fit with its page, the LOO / remission / ranking tables
+    assert text.count("<figcaption>Page 1 of 1: subjects") == 1
+    for sid in fit_copy.cohort.ids:
+        assert re.search(rf"<figcaption>Page 1 of 1: subjects [^<]*\b{re.escape(str(sid))}\b", text), sid
+    loo = text.split('<section id="loo">')[1].split("</section>")[0]
+    assert "elpd_diff" in loo and "-18.5" in loo and "compare/compare.csv" in loo
+    assert "DORIS" in text.split('<section id="remission">')[1].split("</section>")[0]
+    ranking = text.split('<section id="doses">')[1].split("</section>")[0]
+    assert "2x3 q7d" in ranking and "more columns in the file" in ranking and "m0_q05" not in ranking
     assert 'id="synthetic-banner"' in text
     srcs = re.findall(r'<img[^>]*src="([^"]+)"', text)
-    assert len(srcs) >= 6
+    assert len(srcs) >= 9
     for src in srcs:
         assert src.startswith("data:image/png;base64,")
         assert base64.b64decode(src.split(",", 1)[1]).startswith(PNG_MAGIC)
@@ -286,20 +370,61 @@ def test_report_structure(report_html, fit_copy):
     assert not re.search(r'(src|href)="(https?:|file:)', text)  # self-contained
 
 
+def test_individual_fits_are_paged_and_show_every_subject(fit_copy):
+    """Three subjects at two per page: pages "1 of 2" (two IDs) and "2 of 2" (the third)."""
+    from carnk_pkpd.predictive import individual_curves
+    from carnk_pkpd.report import individual_pages
+
+    curves = individual_curves(fit_copy, 5, seed=0, n_times=20)
+    rec = fit_copy.idata["constant_data"].to_dataset()
+    records = pd.DataFrame({k: rec[k].values for k in ("ID", "TIME", "DVID", "DV", "BLQ", "LLOQ")})
+    pages = individual_pages(curves, records, True, per_page=2)
+    ids = [str(s) for s in fit_copy.cohort.ids]
+    assert [cap for cap, _ in pages] == [
+        f"Page 1 of 2: subjects {ids[0]}, {ids[1]}",
+        f"Page 2 of 2: subjects {ids[2]}",
+    ]
+    assert all(base64.b64decode(png).startswith(PNG_MAGIC) for _, png in pages)
+
+
+def test_diagnostics_table_says_ok_or_fail_per_check():
+    from carnk_pkpd.diagnostics import Diagnostics
+    from carnk_pkpd.report import diagnostics_table
+
+    good = Diagnostics(4, 1000, 1.004, 900.0, 700.0, 0, 0.9, 7, 0.0)
+    bad = Diagnostics(4, 1000, 1.02, 350.0, 700.0, 3, 0.9, 10, 0.05)
+    assert (diagnostics_table(good)["status"] == "ok").all()
+    status = diagnostics_table(bad).set_index("check")["status"]
+    assert list(status[status == "FAIL"].index) == [
+        "max R-hat", "min bulk ESS", "divergent transitions", "draws at max tree depth (%)"]  # fmt: skip
+
+
 def test_report_in_headless_chromium(report_html, tmp_path):
     if not CHROMIUM.exists():
-        pytest.skip("/usr/bin/chromium is missing (CI: apt-get install -y chromium)")
+        pytest.skip(
+            "no chromium, chromium-browser or google-chrome on PATH (CI: apt-get install -y chromium)"
+        )
     args = [str(CHROMIUM), "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
             "--disable-background-networking", "--disable-component-update", "--disable-sync",
             f"--user-data-dir={tmp_path / 'profile'}"]  # fmt: skip
     url = report_html.resolve().as_uri()
     dom = subprocess.run([*args, "--dump-dom", url], capture_output=True, text=True, timeout=120, check=True)
-    for heading in ("Parameters (THETA / OMEGA / SIGMA)", "η-shrinkage", "Goodness of fit",
-                    "Visual predictive checks", "Individual fits", "Sampler diagnostics", "Manifest",
+    for heading in ("Parameters (THETA / OMEGA / SIGMA)", "η-shrinkage", "Goodness of fit (per analyte)",
+                    "NPDE", "ETA panels", "Visual predictive checks", "Individual fits", "Sampler diagnostics",
+                    "Model comparison (PSIS-LOO)", "Remission predictions", "Dose ranking", "Manifest",
                     "SYNTHETIC DATA"):  # fmt: skip
         assert heading in dom.stdout, heading
+    # readable at 1280 px: nothing wider than the window (a copy of the page reports its scroll width)
+    probe = tmp_path / "probe.html"
+    probe.write_text(report_html.read_text(encoding="utf-8").replace(
+        "</body>", "<script>document.body.dataset.scrollWidth = document.documentElement.scrollWidth"
+        "</script></body>"), encoding="utf-8")  # fmt: skip
+    dom = subprocess.run([*args, "--window-size=1280,1000", "--dump-dom", probe.as_uri()], capture_output=True,
+                         text=True, timeout=120, check=True)  # fmt: skip
+    width = int(re.search(r'data-scroll-width="(\d+)"', dom.stdout).group(1))
+    assert 0 < width <= 1280, width
     shot = tmp_path / "shot.png"
-    subprocess.run([*args, f"--screenshot={shot}", "--window-size=1200,2000", url],
+    subprocess.run([*args, f"--screenshot={shot}", "--window-size=1280,2400", url],
                    capture_output=True, timeout=120, check=True)  # fmt: skip
     assert shot.stat().st_size > 10_000
     assert shot.read_bytes().startswith(PNG_MAGIC)

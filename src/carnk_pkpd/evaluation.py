@@ -38,6 +38,15 @@ censors observed values (``blq`` = simulated value < the record's LLOQ).
   uniform; with the replicates alone, the estimation error of nearly singular (mostly censored)
   directions inflated the B-cell NPDE variance to 1.2 at K = 300 (6 subjects × 20 cohorts). A block
   that is BLQ throughout gives npde of pure randomised ranks (uniform, as it should under the model).
+* :func:`ewres` — Monte Carlo population weighted residuals, NONMEM's ``EWRES`` (the ``$TABLE``
+  items ``EPRED``/``EWRES`` of NONMEM 7, Introduction to NONMEM 7 guide): per subject, over its
+  quantified (non-BLQ) records, ``EWRES = Cov^{-1/2}(y − E[y])`` with ``E[y]`` and ``Cov`` the
+  mean and covariance of the same replicates (all DVIDs of the subject in one block, CAR-NK on the
+  log scale, B cells on the natural scale) and ``Cov^{-1/2}`` the symmetric inverse square root, so
+  the subject's residuals are decorrelated. Unlike NPDE it is a moment-based (not rank-based)
+  residual and is undefined for BLQ records (NaN). It is not ``CWRES``: CWRES is the FOCE
+  linearisation (Hooker et al. 2007, Pharm Res 24:2187) around the conditional η, which this
+  package does not compute.
 * :func:`npde_tests` — mean 0 (t-test), variance 1 (Fisher's χ² variance test), normality
   (Shapiro–Wilk) per DVID and a Bonferroni global p, as the R package npde reports.
 
@@ -57,6 +66,7 @@ import xarray as xr
 __all__ = [
     "EVALUATION_FILES",
     "evaluation_folder",
+    "ewres",
     "write_evaluation",
     "nominal_day",
     "npde",
@@ -388,6 +398,50 @@ def npde(reps: xr.Dataset, seed: int = 0) -> pd.DataFrame:
     )
 
 
+def _inverse_sqrt(cov: np.ndarray) -> np.ndarray:
+    """Symmetric inverse square root of a covariance matrix; eigenvalues below 1e-10 of the largest
+    (directions the replicates do not vary in) are left out (their residual component is set to 0)."""
+    lam, vec = np.linalg.eigh(cov)
+    tol = 1e-10 * max(float(lam.max(initial=0.0)), 1e-300)
+    inv = np.where(lam > tol, 1.0 / np.sqrt(np.where(lam > tol, lam, 1.0)), 0.0)
+    return (vec * inv[None, :]) @ vec.T
+
+
+def ewres(reps: xr.Dataset) -> np.ndarray:
+    """EWRES per record (record order): ``Cov^{-1/2}(y − E[y])`` over each subject's quantified records.
+
+    ``E[y]`` and ``Cov`` are the mean and covariance (ddof = 1) of the replicates ``reps["y"]``
+    (new subjects, :func:`simulate_replicates`) at the subject's records; log-normal DVIDs
+    (``reps.attrs["log_dvids"]``) enter on the log scale, others on the natural scale; all DVIDs of a
+    subject form one block (NONMEM's Monte Carlo weighted residual, decorrelated within subject by
+    the symmetric inverse square root). NaN for BLQ records and for log-scale records with DV ≤ 0.
+    Dimensionless.
+    """
+    y = reps["y"].values.astype(float)
+    if y.shape[0] < 2:
+        raise ValueError("EWRES needs at least 2 replicates (500 or more recommended)")
+    dv = reps["DV"].values.astype(float)
+    blq = reps["BLQ"].values == 1
+    dvid = reps["DVID"].values.astype(int)
+    ids = reps["ID"].values.astype(str)
+    log_dvids = set(int(d) for d in np.atleast_1d(reps.attrs.get("log_dvids", [1, 3])))
+    is_log = np.isin(dvid, sorted(log_dvids))
+    usable = ~blq & np.isfinite(dv) & (~is_log | (dv > 0))
+    out = np.full(dv.size, np.nan)
+    tiny = np.finfo(float).tiny
+    for sid in dict.fromkeys(ids.tolist()):
+        sel = np.flatnonzero((ids == sid) & usable)
+        if sel.size == 0:
+            continue
+        lg = is_log[sel]
+        ysim = np.where(lg[None, :], np.log(np.maximum(y[:, sel], tiny)), y[:, sel])
+        obs = np.where(lg, np.log(np.where(lg, dv[sel], 1.0)), dv[sel])
+        mean = ysim.mean(axis=0)
+        cov = np.atleast_2d(np.cov(ysim, rowvar=False))
+        out[sel] = _inverse_sqrt(cov) @ (obs - mean)
+    return out
+
+
 def npde_tests(df: pd.DataFrame) -> pd.DataFrame:
     """Per DVID: ``n``, ``mean``, ``variance`` of the NPDE, p-values of the t-test (mean 0), Fisher's
     variance test (variance 1, two-sided χ²), Shapiro–Wilk (normality) and the Bonferroni global test
@@ -446,7 +500,8 @@ def write_evaluation(
     by_dose_level: bool = False,
 ) -> tuple[list[Path], pd.DataFrame]:
     """Simulate ``n_replicates`` replicates of new subjects at the fit's design and write the VPC
-    (``pc``: pcVPC; ``by_dose_level``: one panel per dose level) and NPDE tables and figures.
+    (``pc``: pcVPC; ``by_dose_level``: one panel per dose level) and NPDE tables and figures
+    (``npde.csv`` also holds each record's EPRED and EWRES from the same replicates).
 
     The output rule of :mod:`carnk_pkpd.atomic` applies (a new folder is created whole; in an existing
     one only new names or this command's own earlier files are replaced), files go through a
@@ -461,6 +516,7 @@ def write_evaluation(
     reps = simulate_replicates(fit, n_replicates, seed)
     table = vpc_table(reps, pc=pc, by_dose_level=by_dose_level)
     nd = npde(reps, seed)
+    nd["EWRES"] = ewres(reps)
     tests = npde_tests(nd)
     synthetic = bool(getattr(fit, "synthetic", False))
     opts = f" --replicates {n_replicates} --seed {seed}" + (" --pc" if pc else "")

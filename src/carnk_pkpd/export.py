@@ -37,11 +37,13 @@ import xarray as xr
 
 __all__ = [
     "FORMATS",
+    "cotab",
     "cv_percent",
     "epsilon_shrinkage",
     "eta_shrinkage",
     "ext_table",
     "parameter_table",
+    "patab",
     "sdtab",
     "subject_table",
     "write_export",
@@ -375,8 +377,72 @@ def subject_table(fit: Any, n_draws: int = 50, seed: int = 0) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
-SDTAB_COLUMNS = ["ID", "TIME", "EVID", "MDV", "AMT", "DVID", "DV", "BLQ", "LLOQ", "PRED", "IPRED", "IWRES",
-                 "PDE_FITTED", "NPDE"]  # fmt: skip
+def patab(fit: Any) -> pd.DataFrame:
+    """NONMEM/xpose ``patab``: one row per subject, ``ID``, its individual parameters and ``ETA1``….
+
+    Each parameter column is the posterior median of the subject's natural-scale individual
+    parameter (typical value × dose-level tier × covariate effects × exp(η)), for the parameters
+    that differ between subjects (as in :func:`subject_table`); units in ``attrs["units"]`` and a
+    header comment. ``ETAj`` as in :func:`sdtab` (posterior mean of ω·η, log scale).
+    """
+    ind = fit.individual_parameters().stack(sample=("chain", "draw")).transpose("sample", "subject")
+    ids = [str(s) for s in ind["subject"].values]
+    cols: dict[str, Any] = {"ID": ids}
+    units = {}
+    for p in ind.data_vars:
+        v = ind[p].values
+        if v.size and np.ptp(v, axis=1).max(initial=0.0) > 0.0:
+            cols[p] = np.median(v, axis=0)
+            units[p] = str(ind[p].attrs.get("units", ""))
+    df = pd.DataFrame(cols)
+    etas, eta_names = _etas(fit)
+    df = df.merge(etas, on="ID", how="left")
+    df.attrs["units"] = units
+    df.attrs["comments"] = [
+        "individual parameters: posterior median per subject (natural scale); units: "
+        + (", ".join(f"{k} {u or '1'}" for k, u in units.items()) or "none"),
+        "ETA columns (posterior mean of omega_p*eta_p,i, log scale): "
+        + (", ".join(f"ETA{j}={p}" for j, p in enumerate(eta_names, start=1)) or "none"),
+    ]
+    return df
+
+
+def cotab(fit: Any) -> pd.DataFrame:
+    """NONMEM/xpose ``cotab``: one row per subject with its covariates.
+
+    Columns ``ID``, ``DL`` (dose-level label), ``DOSE`` (10⁹ CAR-NK cells at the first infusion),
+    ``NINF`` (number of infusions), ``TOTDOSE`` (10⁹ cells over all infusions), ``TAU`` (days between
+    the first two infusions; NaN with one infusion), then the cohort's per-subject covariates (AGE,
+    SEX, WT, … in file order; NaN where a subject has none). Units in a header comment.
+    """
+    from carnk_pkpd.data import KNOWN_COVARIATES
+
+    cohort = fit.cohort
+    rows = []
+    for sub in cohort.subjects:
+        amts = [a for _, a in sub.doses]
+        times = sorted(t for t, _ in sub.doses)
+        row: dict[str, Any] = {
+            "ID": str(sub.id),
+            "DL": str(sub.dl),
+            "DOSE": float(amts[0]) if amts else np.nan,
+            "NINF": len(amts),
+            "TOTDOSE": float(np.sum(amts)) if amts else 0.0,
+            "TAU": float(times[1] - times[0]) if len(times) > 1 else np.nan,
+        }
+        for name in cohort.covariate_names:
+            row[name] = float(sub.covariates.get(name, np.nan))
+        rows.append(row)
+    df = pd.DataFrame(rows)
+    units = {"DL": "label", "DOSE": "10^9 cells", "NINF": "count", "TOTDOSE": "10^9 cells", "TAU": "days"}
+    units.update({n: KNOWN_COVARIATES.get(n, "") for n in cohort.covariate_names})
+    df.attrs["units"] = units
+    df.attrs["comments"] = ["covariate units: " + ", ".join(f"{k} {u or '?'}" for k, u in units.items())]
+    return df
+
+
+SDTAB_COLUMNS = ["ID", "TIME", "EVID", "MDV", "AMT", "DVID", "DV", "BLQ", "LLOQ", "PRED", "IPRED", "EPRED",
+                 "IWRES", "EWRES", "NPDE"]  # fmt: skip
 
 
 def _residual_sd_median(fit: Any, post: xr.Dataset, name: str, fixed: float) -> float:
@@ -432,21 +498,26 @@ def sdtab(
 
     Columns ``ID, TIME`` (days), ``EVID, MDV, AMT`` (10^9 cells), ``DVID, DV, BLQ, LLOQ`` (record
     units), ``PRED`` (typical-value prediction, eta = 0, posterior-median parameters), ``IPRED``
-    (posterior median of the individual prediction), ``IWRES`` (individual weighted residual, see the
-    module docstring; empty for BLQ records), ``PDE_FITTED``, ``NPDE`` and ``ETA1``… ``ETAn``.
+    (posterior median of the individual prediction), ``EPRED``, ``IWRES`` (individual weighted
+    residual, see the module docstring; empty for BLQ records), ``EWRES``, ``NPDE`` and ``ETA1``…
+    ``ETAn``.
 
-    ``NPDE`` is the real NPDE (:func:`carnk_pkpd.evaluation.npde`): ``npde_replicates`` replicates of
-    NEW subjects at the observed design (or the given ``replicates``), decorrelated within subject.
-
-    ``PDE_FITTED`` is NOT an NPDE: it is Φ⁻¹ of the posterior-predictive probability of DV computed from
-    replicates of the *fitted* subjects (their own individual parameters; no new subjects are drawn,
-    no within-subject decorrelation; see :func:`carnk_pkpd.predictive.npde`), so its variance is below 1
-    even for a correct model. ``ETAj`` is the posterior mean of subject i's log-scale deviation
+    ``EPRED``, ``EWRES`` and ``NPDE`` come from one set of ``npde_replicates`` replicates of NEW
+    subjects at the observed design (:func:`carnk_pkpd.evaluation.simulate_replicates`, or the given
+    ``replicates``): ``EPRED`` is the replicates' mean at the record (record unit, residual error
+    included, uncensored); ``EWRES`` NONMEM's Monte Carlo weighted residual
+    ``Cov^{-1/2}(y − E[y])`` over each subject's quantified records
+    (:func:`carnk_pkpd.evaluation.ewres`; CAR-NK on the log scale; empty for BLQ records);
+    ``NPDE`` the decorrelated NPDE (:func:`carnk_pkpd.evaluation.npde`). There is no ``CWRES``
+    column: CWRES is NONMEM's FOCE linearisation around the conditional η (Hooker et al. 2007),
+    which this package does not compute; EWRES is the simulation-based population residual in
+    its place. ``ETAj`` is the posterior mean of subject i's log-scale deviation
     ``omega_p·eta_p,i`` of the j-th BSV parameter (the OMEGA(j,j) order); which parameter each ETA is
     is in ``attrs["comments"]`` (written as a header comment) and ``attrs["eta_names"]``.
     Clinical records (DVID 10–12) and observations without a DV are not part of the fit and are left out.
     """
-    from carnk_pkpd.predictive import npde, population_predictions, posterior_predictive
+    from carnk_pkpd.evaluation import ewres, npde, simulate_replicates
+    from carnk_pkpd.predictive import population_predictions, posterior_predictive
 
     ppc = posterior_predictive(fit, n_draws, seed) if ppc is None else ppc
     obs = pd.DataFrame({k: ppc[k].values for k in ("ID", "TIME", "DVID", "DV", "BLQ", "LLOQ")})
@@ -454,12 +525,12 @@ def sdtab(
     obs["PRED"] = population_predictions(fit).values
     obs["IPRED"] = np.median(ppc["IPRED"].values, axis=0)
     obs["IWRES"] = individual_weighted_residuals(fit, obs)
-    obs["PDE_FITTED"] = npde(ppc, seed).values
-    from carnk_pkpd.evaluation import npde as real_npde
-    from carnk_pkpd.evaluation import simulate_replicates
-
     reps = simulate_replicates(fit, npde_replicates, seed) if replicates is None else replicates
-    obs["NPDE"] = real_npde(reps, seed)["npde"].to_numpy()
+    if reps.sizes["record"] != len(obs):
+        raise ValueError(f"sdtab: {reps.sizes['record']} replicated records for {len(obs)} fitted records")
+    obs["EPRED"] = reps["y"].values.mean(axis=0)
+    obs["EWRES"] = ewres(reps)
+    obs["NPDE"] = npde(reps, seed)["npde"].to_numpy()
     obs["EVID"], obs["MDV"], obs["AMT"] = 0, 0, 0.0
 
     full = fit.cohort.to_dataframe()
@@ -488,7 +559,8 @@ def sdtab(
     merged.attrs["comments"] = [
         "ETA columns (posterior mean of omega_p*eta_p,i, log scale): "
         + (", ".join(f"ETA{j}={p}" for j, p in enumerate(eta_names, start=1)) or "none"),
-        "PDE_FITTED: from replicates of the fitted subjects, not an NPDE (no new subjects drawn)",
+        f"EPRED, EWRES, NPDE: {int(reps.sizes['replicate'])} replicates of new subjects at the observed "
+        "design; EWRES = Cov^-1/2 (y - E[y]) per subject (Monte Carlo weighted residual; no CWRES)",
     ]
     return merged
 
@@ -536,7 +608,7 @@ def _json_safe(df: pd.DataFrame) -> list[dict[str, Any]]:
 
 #: The files each format writes (checked against the output rule before any work).
 EXPORT_FILES = {
-    "csv": ("parameters.csv", "subjects.csv", "sdtab.csv", "ext.csv"),
+    "csv": ("parameters.csv", "subjects.csv", "sdtab.csv", "ext.csv", "patab.csv", "cotab.csv"),
     "json": ("export.json",),
     "md": ("export.md",),
     "tex": ("parameters.tex", "subjects.tex", "sdtab.tex"),
@@ -598,6 +670,8 @@ def write_export(
             pp.to_netcdf(tmp / "posterior_predictive.nc", engine="netcdf4")
         elif fmt == "csv":
             tables["ext"] = ext_table(fit)
+            tables["patab"] = patab(fit)
+            tables["cotab"] = cotab(fit)
             for name, df in tables.items():
                 write_csv(
                     df,
@@ -610,7 +684,7 @@ def write_export(
                 "synthetic": fit.synthetic,
                 "note": note + "OMEGA and SIGMA as variances (SD in 'stdev', CV% in 'cv_pct'); "
                 "η-shrinkage = 1 − SD(E[ω·η_i])/E[ω]; ε-shrinkage = 1 − SD(IWRES); "
-                "PDE_FITTED is not an NPDE (replicates of the fitted subjects).",
+                "EWRES = Monte Carlo weighted residual Cov^-1/2 (y − E[y]) per subject (no CWRES).",
                 "provenance": prov,
                 "diagnostics": fit.diagnostics.to_dict() if fit.diagnostics is not None else None,
                 "manifest": fit.manifest,

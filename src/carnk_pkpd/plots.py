@@ -8,7 +8,6 @@ since the first infusion. Titles carry "SYNTHETIC" when the data were simulated.
 from __future__ import annotations
 
 import io
-import warnings
 from typing import Any
 
 import matplotlib
@@ -37,132 +36,145 @@ def png_bytes(fig: Figure, dpi: int = 90) -> bytes:
     return buf.getvalue()
 
 
-def gof(sd: pd.DataFrame, synthetic: bool = False) -> Figure:
-    """DV vs PRED and vs IPRED (log axes, BLQ records left out) and PDE_FITTED vs time (BLQ hollow)."""
-    fig, ax = plt.subplots(1, 3, figsize=(14, 4.5))
-    obs = sd[(sd["BLQ"] == 0) & (sd["DV"] > 0)]
-    for k, col in enumerate(("PRED", "IPRED")):
-        a = ax[k]
-        for dvid, g in obs.groupby("DVID"):
-            ok = g[col] > 0
-            a.scatter(g[col][ok], g["DV"][ok], s=14, alpha=0.7, color=DVID_COLOR.get(dvid, "k"),
-                      label=DVID_LABEL.get(dvid, f"DVID {dvid}"))  # fmt: skip
-        vals = np.concatenate([obs["DV"].to_numpy(), obs[col].to_numpy()])
-        vals = vals[vals > 0]
-        if vals.size:
-            lo, hi = vals.min() / 2, vals.max() * 2
-            a.plot([lo, hi], [lo, hi], "k--", lw=1)
-        a.set_xscale("log")
-        a.set_yscale("log")
-        a.set_xlabel(f"{col} (record unit)")
-        a.set_ylabel("DV (record unit)")
-        a.set_title(_title(f"DV vs {col}", synthetic))
-    ax[0].legend(fontsize=7)
-    a = ax[2]
-    for dvid, g in sd.groupby("DVID"):
-        c = DVID_COLOR.get(dvid, "k")
-        b = g["BLQ"] == 1
-        a.scatter(g["TIME"][~b], g["PDE_FITTED"][~b], s=14, color=c, alpha=0.7, label=DVID_LABEL.get(dvid))
-        a.scatter(g["TIME"][b], g["PDE_FITTED"][b], s=18, facecolors="none", edgecolors=c)
-    for y in (-1.96, 0, 1.96):
-        a.axhline(y, color="grey", ls="--" if y else "-", lw=1)
-    a.set_xlabel("time (days)")
-    a.set_ylabel("PDE_FITTED (fitted subjects' replicates; not NPDE)")
-    a.set_title(_title("PDE_FITTED vs time (hollow: BLQ)", synthetic))
-    fig.tight_layout()
-    return fig
+def lowess(x: np.ndarray, y: np.ndarray, frac: float = 2 / 3, iterations: int = 2) -> np.ndarray:
+    """LOWESS smoother (Cleveland 1979): the fitted value at each ``x`` (returned in the input order).
 
-
-def _bins(t: np.ndarray, n_bins: int = 8) -> np.ndarray:
-    """Bin index per time: quantile bins on the distinct times (at most ``n_bins``)."""
-    u = np.unique(t)
-    if u.size <= n_bins:
-        return np.searchsorted(u, t)
-    edges = np.unique(np.quantile(u, np.linspace(0, 1, n_bins + 1)))
-    return np.clip(np.searchsorted(edges, t, side="right") - 1, 0, edges.size - 2)
-
-
-def _cens_pct(y: np.ndarray, cens: np.ndarray, q: float, axis: int = -1) -> np.ndarray:
-    """Percentile with censored values placed below everything; NaN where it falls among them."""
-    z = np.where(cens, -np.inf, y)
-    with np.errstate(invalid="ignore"):
-        p = np.percentile(z, q, axis=axis)
-    return np.where(np.isfinite(p), p, np.nan)
-
-
-def vpc(ppc: xr.Dataset, pred: np.ndarray | None = None, synthetic: bool = False, n_bins: int = 8) -> Figure:
-    """VPC (or prediction-corrected VPC when ``pred`` is given), one row per DVID.
-
-    Left: observed 5th/50th/95th percentiles (BLQ counted below the LLOQ; percentiles that fall
-    below it are not drawn) against 90% bands of the same percentiles over posterior replicates.
-    Right: observed fraction BLQ against the 90% band of the replicated fraction.
-    pcVPC multiplies DV and ``y_rep`` by ``median(PRED in bin) / PRED``.
+    Locally weighted linear regression on the ``ceil(frac·n)`` nearest points with tricube weights,
+    then ``iterations`` robustness passes with bisquare weights on the residuals (6 × their median
+    absolute value), as in Cleveland's algorithm and ``statsmodels.nonparametric.lowess`` (without
+    its ``delta`` interpolation shortcut). Non-finite pairs get NaN. Units: those of ``y``.
     """
-    dvids = sorted(set(ppc["DVID"].values.tolist()))
-    fig, axes = plt.subplots(len(dvids), 2, figsize=(13, 3.8 * len(dvids)), squeeze=False,
-                             gridspec_kw={"width_ratios": [3, 1.3]})  # fmt: skip
-    kind = "pcVPC" if pred is not None else "VPC"
+    x = np.asarray(x, float)
+    y = np.asarray(y, float)
+    out = np.full(x.shape, np.nan)
+    ok = np.isfinite(x) & np.isfinite(y)
+    xs, ys = x[ok], y[ok]
+    n = xs.size
+    if n < 3:
+        out[ok] = ys
+        return out
+    r = min(n, max(3, int(np.ceil(frac * n))))
+    robust = np.ones(n)
+    fit = ys.copy()
+    for _ in range(iterations + 1):
+        for i in range(n):
+            d = np.abs(xs - xs[i])
+            h = np.partition(d, r - 1)[r - 1]
+            w = np.clip(d / h, 0.0, 1.0) if h > 0 else (d > 0).astype(float)
+            w = (1.0 - w**3) ** 3 * robust
+            sw = w.sum()
+            if sw <= 0:
+                fit[i] = ys[i]
+                continue
+            mx, my = (w @ xs) / sw, (w @ ys) / sw
+            sxx = w @ (xs - mx) ** 2
+            slope = (w @ ((xs - mx) * (ys - my))) / sxx if sxx > 1e-12 * max(1.0, mx**2) else 0.0
+            fit[i] = my + slope * (xs[i] - mx)
+        res = ys - fit
+        s = np.median(np.abs(res))
+        if s <= 0:
+            break
+        u = np.clip(res / (6.0 * s), -1.0, 1.0)
+        robust = (1.0 - u**2) ** 2
+    out[ok] = fit
+    return out
+
+
+def _smooth_line(ax: Any, x: np.ndarray, y: np.ndarray, log_x: bool, log_y: bool, **kw: Any) -> bool:
+    """Draw the LOWESS of y on x (on the log scale of a log axis); False when too few points (< 5)."""
+    x, y = np.asarray(x, float), np.asarray(y, float)
+    ok = np.isfinite(x) & np.isfinite(y)
+    if log_x:
+        ok &= x > 0
+    if log_y:
+        ok &= y > 0
+    if ok.sum() < 5:
+        return False
+    tx = np.log(x[ok]) if log_x else x[ok]
+    ty = np.log(y[ok]) if log_y else y[ok]
+    order = np.argsort(tx)
+    sm = lowess(tx[order], ty[order])
+    ax.plot(np.exp(tx[order]) if log_x else tx[order], np.exp(sm) if log_y else sm, **kw)
+    return True
+
+
+def gof(sd: pd.DataFrame, synthetic: bool = False) -> Figure:
+    """Goodness of fit, one row per DVID (its own axes and unit): DV vs PRED, DV vs IPRED (log axes,
+    identity dashed), EWRES vs time and IWRES vs IPRED, each with a LOWESS smoother (red).
+
+    ``sd``: the observation rows of :func:`carnk_pkpd.export.sdtab`. BLQ records are left out of the
+    DV panels and have no residuals.
+    """
+    dvids = sorted(int(d) for d in sd["DVID"].unique())
+    fig, axes = plt.subplots(len(dvids), 4, figsize=(16, 3.9 * len(dvids)), squeeze=False)
+    smooth = dict(color="tab:red", lw=1.8, label="LOWESS")
     for row, dvid in enumerate(dvids):
-        sel = np.flatnonzero(ppc["DVID"].values == dvid)
-        t = ppc["TIME"].values[sel]
-        dv = ppc["DV"].values[sel].astype(float)
-        blq = ppc["BLQ"].values[sel] == 1
-        y = ppc["y_rep"].values[:, sel]
-        yb = ppc["blq_rep"].values[:, sel]
-        lloq = float(np.median(ppc["LLOQ"].values[sel]))
-        b = _bins(t, n_bins)
-        nb = int(b.max()) + 1
-        if pred is not None:
-            p = np.asarray(pred)[sel]
-            med = np.array([np.median(p[b == k]) for k in range(nb)])
-            f = med[b] / np.where(p > 0, p, np.nan)
-            f = np.where(np.isfinite(f), f, 1.0)
-            dv, y = dv * f, y * f
-        tmid = np.array([np.median(t[b == k]) for k in range(nb)])
-        a, a2 = axes[row]
-        a.scatter(t[~blq], dv[~blq], s=8, color="grey", alpha=0.5, zorder=1)
-        for q, style in ((5, "--"), (50, "-"), (95, "--")):
-            obs_q = np.array([_cens_pct(dv[b == k], blq[b == k], q) for k in range(nb)])
-            sim_q = np.stack([_cens_pct(y[:, b == k], yb[:, b == k], q, axis=1) for k in range(nb)], axis=1)
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore", RuntimeWarning)
-                lo, hi = np.nanpercentile(sim_q, [5, 95], axis=0)
-            color = "tab:red" if q == 50 else "tab:blue"
-            a.fill_between(tmid, lo, hi, color=color, alpha=0.2, lw=0)
-            a.plot(tmid, obs_q, style, color="k", lw=1.5, marker="o", ms=3)
-        a.axhline(lloq, color="tab:green", ls=":", lw=1)
-        a.set_yscale("log")
-        a.set_xlabel("time (days)")
-        a.set_ylabel(("pred.-corrected " if pred is not None else "") + DVID_LABEL.get(dvid, f"DVID {dvid}"))
-        a.set_title(_title(f"{kind} DVID {dvid}: observed 5/50/95% (black) vs simulated 90% bands", synthetic),
-                    fontsize=9)  # fmt: skip
-        obs_f = np.array([blq[b == k].mean() for k in range(nb)])
-        sim_f = np.stack([yb[:, b == k].mean(axis=1) for k in range(nb)], axis=1)
-        lo, hi = np.percentile(sim_f, [5, 95], axis=0)
-        a2.fill_between(tmid, lo, hi, color="tab:green", alpha=0.3, lw=0)
-        a2.plot(tmid, obs_f, "k-o", ms=3)
-        a2.set_ylim(-0.02, 1.02)
-        a2.set_xlabel("time (days)")
-        a2.set_ylabel("fraction BLQ")
-        a2.set_title(_title(f"BLQ fraction DVID {dvid}", synthetic), fontsize=9)
+        g = sd[(sd["DVID"] == dvid) & (sd["BLQ"] == 0)]
+        unit = DVID_LABEL.get(dvid, f"DVID {dvid}")
+        c = DVID_COLOR.get(dvid, "k")
+        for k, col in enumerate(("PRED", "IPRED")):
+            a = axes[row, k]
+            ok = (g[col] > 0) & (g["DV"] > 0)
+            x, y = g[col][ok].to_numpy(float), g["DV"][ok].to_numpy(float)
+            a.scatter(x, y, s=12, alpha=0.6, color=c, label="records")
+            if x.size:
+                lo, hi = min(x.min(), y.min()) / 2, max(x.max(), y.max()) * 2
+                a.plot([lo, hi], [lo, hi], "k--", lw=1, label="identity")
+            _smooth_line(a, x, y, True, True, **smooth)
+            a.set_xscale("log")
+            a.set_yscale("log")
+            a.set_xlabel(f"{col}, {unit}")
+            a.set_ylabel(f"DV, {unit}")
+            a.set_title(_title(f"DVID {dvid}: DV vs {col}", synthetic), fontsize=9)
+            a.legend(fontsize=7)
+        for k, (xcol, ycol, log_x) in enumerate(
+            (("TIME", "EWRES", False), ("IPRED", "IWRES", True)), start=2
+        ):
+            a = axes[row, k]
+            if ycol not in g:
+                a.set_visible(False)
+                continue
+            x, y = g[xcol].to_numpy(float), g[ycol].to_numpy(float)
+            ok = np.isfinite(y) & (x > 0 if log_x else np.isfinite(x))
+            a.scatter(x[ok], y[ok], s=12, alpha=0.6, color=c, label="records")
+            _smooth_line(a, x[ok], y[ok], log_x, False, **smooth)
+            for yv in (-1.96, 0.0, 1.96):
+                a.axhline(yv, color="grey", ls="-" if yv == 0 else "--", lw=1)
+            if log_x:
+                a.set_xscale("log")
+            a.set_xlabel("time (days since first infusion)" if xcol == "TIME" else f"IPRED, {unit}")
+            a.set_ylabel(ycol)
+            a.set_title(_title(f"DVID {dvid}: {ycol} vs {xcol}", synthetic), fontsize=9)
+            a.legend(fontsize=7)
     fig.tight_layout()
     return fig
 
 
 def individual_fits(
-    curves: xr.Dataset, sd: pd.DataFrame, synthetic: bool = False, max_subjects: int = 12
+    curves: xr.Dataset,
+    sd: pd.DataFrame,
+    synthetic: bool = False,
+    subjects: list[str] | None = None,
+    page: tuple[int, int] | None = None,
 ) -> Figure:
     """Per subject: CAR-NK (DVID 1) and B cells (DVID 2), posterior median and 90% band, data, BLQ.
 
-    BLQ records are drawn as open triangles at their LLOQ.
+    ``subjects``: the IDs to draw (default all in ``curves``), two subjects per row (CAR-NK and B
+    cells side by side); ``page = (k, n)`` adds "page k of n" to the title. BLQ records are drawn as
+    open triangles at their LLOQ. Cells/µL on a log axis, days since the first infusion.
     """
-    ids = [str(s) for s in curves["subject"].values][:max_subjects]
-    fig, axes = plt.subplots(len(ids), 2, figsize=(11, 2.6 * len(ids)), squeeze=False)
+    all_ids = [str(s) for s in curves["subject"].values]
+    ids = all_ids if subjects is None else [str(s) for s in subjects]
+    n_rows = int(np.ceil(len(ids) / 2))
+    fig, axes = plt.subplots(n_rows, 4, figsize=(15, 2.5 * n_rows), squeeze=False)
+    for ax in axes.ravel()[2 * len(ids) :]:
+        ax.set_visible(False)
     for i, sid in enumerate(ids):
-        t = curves["time"].values[i]
+        s_i = all_ids.index(sid)
+        t = curves["time"].values[s_i]
         for j, (var, dvid) in enumerate((("car", 1), ("bcell", 2))):
-            a = axes[i, j]
-            v = curves[var].values[:, i, :]
+            a = axes[i // 2, 2 * (i % 2) + j]
+            v = curves[var].values[:, s_i, :]
             lo, med, hi = np.nanpercentile(v, [5, 50, 95], axis=0)
             c = DVID_COLOR[dvid]
             a.fill_between(t, np.maximum(lo, 1e-3), np.maximum(hi, 1e-3), color=c, alpha=0.25, lw=0)
@@ -170,12 +182,53 @@ def individual_fits(
             g = sd[(sd["ID"].astype(str) == sid) & (sd["DVID"] == dvid)]
             ob = g[g["BLQ"] == 0]
             bl = g[g["BLQ"] == 1]
-            a.scatter(ob["TIME"], ob["DV"], s=14, color="k", zorder=3)
-            a.scatter(bl["TIME"], bl["LLOQ"], s=22, marker="v", facecolors="none", edgecolors="k", zorder=3)
+            a.scatter(ob["TIME"], ob["DV"], s=12, color="k", zorder=3)
+            a.scatter(bl["TIME"], bl["LLOQ"], s=20, marker="v", facecolors="none", edgecolors="k", zorder=3)
             a.set_yscale("log")
             a.set_ylim(bottom=1e-2)
-            a.set_title(_title(f"subject {sid}: {DVID_LABEL[dvid]}", synthetic), fontsize=9)
-            a.set_xlabel("time (days)")
+            a.set_title(f"ID {sid}: {DVID_LABEL[dvid]}", fontsize=8)
+            a.tick_params(labelsize=7)
+            if i // 2 == n_rows - 1 or i >= len(ids) - 2:
+                a.set_xlabel("time (days)", fontsize=8)
+    title = "individual fits: posterior median, 90% band; open triangles = BLQ at the LLOQ"
+    if page is not None:
+        title += f" (page {page[0]} of {page[1]})"
+    fig.suptitle(_title(title, synthetic), fontsize=10)
+    fig.tight_layout()
+    return fig
+
+
+def eta_panels(etas: pd.DataFrame, eta_names: dict[str, str], synthetic: bool = False) -> Figure:
+    """ETA diagnostics, one column per ETA: histogram (top) and ETA vs dose (bottom, by subject).
+
+    ``etas``: one row per subject with ``ETA1``… (log-scale deviations, posterior means) and, when
+    known, ``DOSE`` (10⁹ cells per infusion); ``eta_names`` maps ``ETAj`` to its parameter.
+    """
+    cols = [c for c in etas.columns if c.startswith("ETA")]
+    n = max(len(cols), 1)
+    fig, axes = plt.subplots(2, n, figsize=(min(3.4 * n, 15), 5.6), squeeze=False)
+    for j, col in enumerate(cols):
+        x = etas[col].to_numpy(float)
+        name = eta_names.get(col, col)
+        a = axes[0, j]
+        a.hist(x[np.isfinite(x)], bins=min(12, max(3, x.size // 2)), color="tab:orange", alpha=0.7)
+        a.axvline(0.0, color="k", lw=1)
+        a.set_xlabel(f"{col} ({name}), log scale")
+        a.set_title(_title(f"{col} = {name}: mean {np.nanmean(x):+.2f}", synthetic), fontsize=8)
+        b = axes[1, j]
+        if "DOSE" in etas:
+            d = etas["DOSE"].to_numpy(float)
+            b.scatter(d, x, s=14, color="tab:orange")
+            ok = np.isfinite(d) & np.isfinite(x)
+            if np.unique(d[ok]).size >= 3 and _smooth_line(
+                b, d[ok], x[ok], False, False, color="tab:red", lw=1.5, label="LOWESS"
+            ):
+                b.legend(fontsize=7)
+            b.set_xlabel("dose per infusion (10⁹ cells)")
+        b.axhline(0.0, color="grey", lw=1)
+        b.set_ylabel(col)
+    if not cols:
+        axes[0, 0].text(0.5, 0.5, "no between-subject deviation estimated", ha="center")
     fig.tight_layout()
     return fig
 

@@ -1,8 +1,8 @@
-"""Posterior predictions at the observed records: IPRED, PRED, EPRED, replicated data, NPDE-like residuals.
+"""Posterior predictions at the observed records of the fitted subjects: IPRED, PRED, replicated data.
 
 Every prediction goes through the population layer (:mod:`carnk_pkpd.population`): IPRED and the
-posterior predictive use the fitted subjects' own η, EPRED new subjects (η from Ω) on the cohort's
-design, PRED η = 0 at the posterior median. Predictions are chosen by DVID (1 and 3 CAR-NK, 2 B
+posterior predictive use the fitted subjects' own η, PRED η = 0 at the posterior median. Predictions
+for NEW subjects (EPRED, VPC, NPDE, EWRES) are in :mod:`carnk_pkpd.evaluation`. Predictions are chosen by DVID (1 and 3 CAR-NK, 2 B
 cells), each subject has its own doses, LD window and covariates.
 
 Observation units follow the model file: DVID 1 CAR-NK cells/µL (flow), DVID 2 B cells/µL,
@@ -21,9 +21,7 @@ from carnk_pkpd.statistical import ObservationData, observation_data
 
 __all__ = [
     "draw_indices",
-    "expected_predictions",
     "individual_curves",
-    "npde",
     "population_predictions",
     "posterior_predictive",
     "record_predictions",
@@ -126,41 +124,6 @@ def population_predictions(fit: Any) -> xr.DataArray:
 
     pred = population_prediction(fit, fit.cohort)
     return xr.DataArray(pred, dims="record", coords={"record": np.arange(len(pred))}, name="PRED")
-
-
-def expected_predictions(fit: Any, n_draws: int | None = 200, seed: int = 0) -> xr.DataArray:
-    """EPRED per record: the mean prediction over new subjects with the record's design (doses, LD
-    window, covariates), new η from Ω and posterior draws (parameter uncertainty), in record units."""
-    sim = _simulate_records(fit, n_draws, seed, new_subjects=True)
-    return xr.DataArray(
-        sim["ipred"].mean("draw").values,
-        dims="record",
-        coords={"record": np.arange(sim.sizes["record"])},
-        name="EPRED",
-        attrs={"long_name": "expected prediction over new subjects and posterior draws, record's unit"},
-    )
-
-
-def npde(ppc: xr.Dataset, seed: int = 0) -> xr.DataArray:
-    """NPDE-like residual per record from the posterior predictive (no within-subject decorrelation).
-
-    ``pd`` = fraction of ``y_rep`` below DV (ties count one half) for observed records; for BLQ records
-    ``pd ~ Uniform(0, P(y_rep < LLOQ))`` (imputation below the LLOQ probability). ``pd`` is kept in
-    ``[1/(2n), 1 − 1/(2n)]`` and ``NPDE = Φ⁻¹(pd)``.
-    """
-    from scipy.stats import norm
-
-    y = ppc["y_rep"].values
-    n = y.shape[0]
-    dv = ppc["DV"].values
-    lloq = ppc["LLOQ"].values
-    blq = ppc["BLQ"].values == 1
-    pd_obs = (np.sum(y < dv, axis=0) + 0.5 * np.sum(y == dv, axis=0)) / n
-    p_lloq = np.sum(y < lloq, axis=0) / n
-    rng = np.random.default_rng([seed, 2])
-    pd_blq = rng.uniform(0.0, 1.0, size=dv.shape) * np.maximum(p_lloq, 1.0 / (2 * n))
-    pdv = np.clip(np.where(blq, pd_blq, pd_obs), 1.0 / (2 * n), 1.0 - 1.0 / (2 * n))
-    return xr.DataArray(norm.ppf(pdv), dims="record", coords={"record": ppc["record"].values}, name="NPDE")
 
 
 def individual_curves(fit: Any, n_draws: int | None = 50, seed: int = 0, n_times: int = 120) -> xr.Dataset:
