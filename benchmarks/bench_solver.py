@@ -311,15 +311,12 @@ def print_rows(rows: list[tuple[str, str, str, str]]) -> None:
 
 def fit_gradient_scaling(spec) -> list[tuple[str, str, str, str]]:
     """Section (e): CPU ms per call of the fit's compiled log density + gradient, three cohorts."""
-    import jax
-    import jax.numpy as jnp
     import numpy as np
     import nutpie
     from bench_fit import scenario_cohort
 
     from carnk_pkpd.cohortsim import simulate_cohort
     from carnk_pkpd.statistical import build_model, observation_data
-    from carnk_pkpd.structural.solve import real_steps, solve
 
     print("\n(e) the fit's log density + gradient (nutpie JAX function), SYNTHETIC cohorts, one core")
     cohorts = {
@@ -341,32 +338,9 @@ def fit_gradient_scaling(spec) -> list[tuple[str, str, str, str]]:
             logp(x, **shared)
         per = cpu_seconds(lambda logp=logp, x=x, shared=shared: logp(x, **shared), 100)
         ms[label] = float(np.median(per)) * 1e3
-        batches = [b[1].shape for b in real_steps(nodes)[0]]
         print(
             f"    {label:42s}: {len(data.dv):5d} records, {real:6d} integration steps "
-            f"(scan length {nodes.shape[1] - 1}; batches (steps, subjects) {batches}); "
-            f"{ms[label]:.2f} ms CPU per call"
-        )
-        # the split used to decide: the solver alone, forward vs value+gradient (sum of log B and log
-        # CAR-NK at the records' times, typical values), median CPU ms
-        grid = model._carnk_grid  # noqa: SLF001
-        n_sub = grid.n_subjects
-        log_th = {k: jnp.full(n_sub, np.log(v)) for k, v in spec.typical().items() if k != "n_transit"}
-        n_tr = int(spec.typical()["n_transit"])
-
-        def total(lt, grid=grid, n_tr=n_tr):
-            car, b = solve({k: jnp.exp(v) for k, v in lt.items()}, grid, n_transit=n_tr, compact=True)
-            return jnp.sum(jnp.log(car + 1e-9)) + jnp.sum(jnp.log(b + 1e-9))
-
-        fwd, vg = jax.jit(total), jax.jit(jax.value_and_grad(total))
-        split = {}
-        for name, fn in (("forward", fwd), ("value+gradient", vg)):
-            jax.block_until_ready(fn(log_th))
-            run = lambda fn=fn, log_th=log_th: jax.block_until_ready(fn(log_th))  # noqa: E731
-            split[name] = float(np.median(cpu_seconds(run, 50))) * 1e3
-        print(
-            f"    {'':42s}  solver alone: forward {split['forward']:.2f} ms, "
-            f"value+gradient {split['value+gradient']:.2f} ms"
+            f"(scan length {nodes.shape[1] - 1}); {ms[label]:.2f} ms CPU per call"
         )
     labels = list(cohorts)
     ratio = ms[labels[2]] / ms[labels[1]]

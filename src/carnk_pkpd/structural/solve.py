@@ -52,13 +52,7 @@ import numpy as np
 jax.config.update("jax_enable_x64", True)
 import jax.numpy as jnp  # noqa: E402
 
-from carnk_pkpd.structural.carnk import (  # noqa: E402
-    DOSE_UNIT,
-    LD_KEYS,
-    car_closed_form,
-    growth_exponent,
-    trial_ld,
-)
+from carnk_pkpd.structural.carnk import LD_KEYS, car_closed_form, ld_cumulative, trial_ld  # noqa: E402
 
 # --- Gauss–Legendre collocation tables (3 nodes, order 6) ------------------------------------------
 GL_C = np.array([0.5 - np.sqrt(15.0) / 10.0, 0.5, 0.5 + np.sqrt(15.0) / 10.0])
@@ -81,63 +75,43 @@ GL_A = W_ZERO[:3]
 assert np.allclose(W_ZERO[3], GL_B)
 
 
-def _moments_lead(z: jnp.ndarray) -> list[list[jnp.ndarray]]:
-    """``M[j][m] = ∫_0^{c_j} e^{z v} v^m dv`` (arrays of z's shape) for the 3 nodes and the step end,
-    m = 0..3.
+def _moments(z: jnp.ndarray) -> jnp.ndarray:
+    """``M[..., j, m] = ∫_0^{c_j} e^{z v} v^m dv`` for the 3 nodes and the step end, m = 0..3.
 
     A Taylor series for |z| < 0.05 and the recurrence ``M_m = (c^m e^{zc} − m·M_(m−1))/z`` otherwise
-    (the unused branch is fed a safe value so that no 0/0 is ever formed). Written as unrolled
-    elementwise arithmetic (no ``dot``/``reduce``): XLA fuses it into one loop.
+    (the unused branch is fed a safe value so that no 0/0 is ever formed).
     """
     small = jnp.abs(z) < 0.05
-    zs = jnp.where(small, z, 0.0)
-    zl = jnp.where(small, 1.0, z)
-    out = []
-    for ci, c in enumerate(_UPPER):
-        em1 = jnp.expm1(zl * c)
-        e = em1 + 1.0
-        rec = [em1 / zl]
-        for m in range(1, _N_MOMENTS):
-            rec.append((c**m * e - m * rec[-1]) / zl)
-        row = []
-        for m in range(_N_MOMENTS):
-            ser = float(_SERIES[ci, m, -1])
-            for q in range(_N_SERIES - 2, -1, -1):  # Horner over the series index
-                ser = ser * zs + float(_SERIES[ci, m, q])
-            row.append(jnp.where(small, ser, rec[m]))
-        out.append(row)
-    return out
-
-
-def _lagrange_combine(mom: list[list[jnp.ndarray]], shift: int) -> list[list[jnp.ndarray]]:
-    """``W[j][k] = Σ_m M[j][m + shift]·LAGRANGE[k, m]`` (shift 1: the derivative in z)."""
-    return [[sum(row[m + shift] * float(LAGRANGE[k, m]) for m in range(3)) for k in range(3)] for row in mom]
+    zs = jnp.where(small, z, 0.0)[..., None, None]
+    coef = jnp.asarray(_SERIES)  # [4, 4, P]
+    series = jnp.zeros(z.shape + coef.shape[:2]) + coef[..., -1]
+    for p in range(_N_SERIES - 2, -1, -1):  # Horner over the series index p
+        series = series * zs + coef[..., p]
+    zl = jnp.where(small, 1.0, z)[..., None]  # [..., 1]
+    c = jnp.asarray(_UPPER)
+    e = jnp.exp(zl * c)  # [..., 4]
+    recur = [jnp.expm1(zl * c) / zl]
+    for m in range(1, _N_MOMENTS):
+        recur.append((c**m * e - m * recur[-1]) / zl)
+    return jnp.where(small[..., None, None], series, jnp.stack(recur, axis=-1))
 
 
 @jax.custom_jvp
-def _fitted_weights_lead(z: jnp.ndarray) -> jnp.ndarray:
-    """``W[j, k, ...] = ∫_0^{c_j} e^{z v} L_k(v) dv``, the (4, 3) axes leading (see :func:`fitted_weights`)."""
-    return jnp.stack([jnp.stack(r) for r in _lagrange_combine(_moments_lead(z), 0)])
-
-
-@_fitted_weights_lead.defjvp
-def _fitted_weights_lead_jvp(primals, tangents):
-    (z,), (dz,) = primals, tangents
-    mom = _moments_lead(z)
-    w = jnp.stack([jnp.stack(r) for r in _lagrange_combine(mom, 0)])
-    dw = jnp.stack([jnp.stack(r) for r in _lagrange_combine(mom, 1)])
-    return w, dw * dz
-
-
 def fitted_weights(z: jnp.ndarray) -> jnp.ndarray:
     """Weights ``W[..., j, k] = ∫_0^{c_j} e^{z v} L_k(v) dv`` (j = 3 nodes and the step end).
 
     Exact for ``e^{z v}`` times a quadratic. The derivative is the closed form
     ``∂W/∂z = ∫ v·e^{z v} L_k(v) dv`` (moments shifted by one), so reverse mode never traces the series.
     """
-    z = jnp.asarray(z, dtype=jnp.float64)
-    w = _fitted_weights_lead(z)
-    return jnp.moveaxis(jnp.moveaxis(w, 0, -1), 0, -1)
+    return _moments(jnp.asarray(z))[..., :3] @ jnp.asarray(LAGRANGE.T)
+
+
+@fitted_weights.defjvp
+def _fitted_weights_jvp(primals, tangents):
+    (z,), (dz,) = primals, tangents
+    m = _moments(jnp.asarray(z))
+    lagrange_t = jnp.asarray(LAGRANGE.T)
+    return m[..., :3] @ lagrange_t, (m[..., 1:] @ lagrange_t) * jnp.asarray(dz)[..., None, None]
 
 
 # --- grids --------------------------------------------------------------------------------------------
@@ -375,72 +349,43 @@ def make_grid(
 
 
 # --- the step -----------------------------------------------------------------------------------------
-# Layout: time-major with the subject axis LAST and contiguous, so that the scan slices a step's
-# coefficients as (node, subject) blocks and every state is a (subject,) vector; no transposes, no
-# gathers inside the solve, and only elementwise arithmetic (XLA fuses it; its library fusions for
-# tiny ``dot``/``reduce`` ops were measured slower, above all in reverse mode).
-def _car_nodes(th, dose_times, dose_amounts, t, structure, ld):
-    """CAR-NK cells/µL at times ``t`` of shape ``(..., subject)``; per-subject values ``(subject,)``."""
-    if structure == "stein":
-        flat = t.reshape(-1, t.shape[-1]).T  # [S, n]: the closed form's subject-first layout
-        car = car_closed_form(th, dose_times, dose_amounts, flat, structure=structure, ld=ld)
-        return car.T.reshape(t.shape)
-    g_t = growth_exponent(th, t, ld)
-    n = jnp.zeros_like(t)
-    for j in range(dose_times.shape[1]):
-        tj, amt = dose_times[:, j], dose_amounts[:, j]
-        n0 = th["f_bl"] * amt * DOSE_UNIT / th["V_bl"]
-        g_j = growth_exponent(th, tj, ld)
-        given = t >= tj
-        n = n + jnp.where(given, n0 * jnp.exp(jnp.where(given, g_t - g_j, -jnp.inf)), 0.0)
-    return n
-
-
-def _ld_cum(th, t, ld):
-    """``carnk.ld_cumulative`` for ``t`` of shape ``(..., subject)``."""
-    k0, kd = th["k_LD0"] * ld["kill"], th["k_LDd"]
-    during = jnp.clip(t, ld["start"], ld["end"]) - ld["start"]
-    after = jnp.maximum(t - ld["end"], 0.0)
-    return k0 * during + (k0 / kd) * (-jnp.expm1(-kd * after))
-
-
 def _step_coefficients(th, nodes, dose_times, dose_amounts, n_transit, structure, ld):
-    """Everything on every step that does not depend on the state, in bulk over (step, subject).
+    """Everything on every step that does not depend on the state, in bulk over (subject, step).
 
-    ``nodes`` has shape (M + 1, S) (time-major). Shapes: ``h`` (M, S); node arrays (M, 3, S);
-    weights (M, 4, 3, S); end factors (M, S).
+    Shapes: ``h`` (S, M); node arrays (S, M, 3); weights (S, M, 4, 3); end factors (S, M).
     """
-    t0, t1 = nodes[:-1], nodes[1:]
+    t0, t1 = nodes[:, :-1], nodes[:, 1:]
     h = t1 - t0
-    gl_c = jnp.asarray(GL_C)[:, None]  # [3, 1]
-    s = t0[:, None, :] + h[:, None, :] * gl_c  # [M, 3, S]
-    N = _car_nodes(th, dose_times, dose_amounts, s, structure, ld)
-    K = th["k_kmax"] * N / (N + th["EC50"])
-    Kn = [K[:, k] for k in range(3)]
-    psi_k = h[:, None, :] * jnp.stack([sum(float(GL_A[j, k]) * Kn[k] for k in range(3)) for j in range(3)], 1)
-    psi_k_end = h * sum(float(GL_B[k]) * Kn[k] for k in range(3))
-    ld0 = _ld_cum(th, t0, ld)
-    psi_ld = _ld_cum(th, s, ld) - ld0[:, None, :]
-    psi_ld_end = _ld_cum(th, t1, ld) - ld0
-    k_tr = n_transit / th["MTT"]
-    k_B, f_BM = th["k_B"], th["f_BM"]
-    dt = h[:, None, :] * gl_c
+    gl_c = jnp.asarray(GL_C)
+    s = t0[..., None] + h[..., None] * gl_c  # [S, M, 3]
+    S, M = h.shape
+    N = car_closed_form(
+        th, dose_times, dose_amounts, s.reshape(S, M * 3), structure=structure, ld=ld
+    ).reshape(S, M, 3)
+    K = th["k_kmax"][:, None, None] * N / (N + th["EC50"][:, None, None])
+    psi_k = h[..., None] * (K @ jnp.asarray(GL_A).T)
+    psi_k_end = h * (K @ jnp.asarray(GL_B))
+    ld0 = ld_cumulative(th, t0, ld)
+    psi_ld = ld_cumulative(th, s.reshape(S, M * 3), ld).reshape(S, M, 3) - ld0[..., None]
+    psi_ld_end = ld_cumulative(th, t1, ld) - ld0
+    k_tr = (n_transit / th["MTT"])[:, None]
+    k_B, f_BM = th["k_B"][:, None], th["f_BM"][:, None]
+    dt = h[..., None] * gl_c
     # exponents of each state's integrating factor, at the nodes and at the end of the step
-    e1, e1_end = k_tr * dt + psi_ld, k_tr * h + psi_ld_end
-    ep, ep_end = e1 + f_BM * psi_k, e1_end + f_BM * psi_k_end
-    eb, eb_end = k_B * dt + psi_k + psi_ld, k_B * h + psi_k_end + psi_ld_end
+    e1, e1_end = k_tr[..., None] * dt + psi_ld, k_tr * h + psi_ld_end
+    ep, ep_end = e1 + f_BM[..., None] * psi_k, e1_end + f_BM * psi_k_end
+    eb, eb_end = k_B[..., None] * dt + psi_k + psi_ld, k_B * h + psi_k_end + psi_ld_end
     e_up, e_up_end = (ep, ep_end) if n_transit >= 2 else (e1, e1_end)
 
     def fitted(e_nodes, e_end):
         # mean slope taken out exactly (fitted weights), the remainder collocated at the nodes
-        w = h[:, None, None, :] * jnp.moveaxis(_fitted_weights_lead(e_end), 2, 0)  # [M, 4, 3, S]
-        return w, jnp.exp(e_nodes - e_end[:, None, :] * gl_c)
+        return h[..., None, None] * fitted_weights(e_end), jnp.exp(e_nodes - e_end[..., None] * gl_c)
 
     w1, x1 = fitted(e1, e1_end)
     w2, x2 = fitted(ep - e1, ep_end - e1_end)
     wb, xb = fitted(eb - e_up, eb_end - e_up_end)
     return dict(
-        h=h,
+        hA=h[..., None, None] * jnp.asarray(W_ZERO),
         w1=w1,
         x1=x1,
         w2=w2,
@@ -456,54 +401,9 @@ def _step_coefficients(th, nodes, dose_times, dose_amounts, n_transit, structure
 
 
 def _apply(w, y0, q):
-    """``y(s_j) = y0 + Σ_k w[j, k]·q_k`` at the 3 nodes (j < 3) and the end of the step (j = 3).
-
-    ``w`` is a (4, 3, S) array or, for plain Gauss collocation, ``(h, W_ZERO)`` (a (S,) step length and
-    the constant table); ``q`` a list of 3 (S,) arrays. Returns the 3 node values and the end value.
-    """
-    if isinstance(w, tuple):
-        h, table = w
-        out = [y0 + h * sum(float(table[j, k]) * q[k] for k in range(3)) for j in range(4)]
-    else:
-        out = [y0 + sum(w[j, k] * q[k] for k in range(3)) for j in range(4)]
-    return out[:3], out[3]
-
-
-def _solve_dense(th, nodes, dose_times, dose_amounts, n_transit, sweeps, structure, ld):
-    """B cells at the nodes, ``nodes`` and result time-major ``(M + 1, S)``; per-subject inputs ``(S,)``."""
-    co = _step_coefficients(th, nodes, dose_times, dose_amounts, n_transit, structure, ld)
-    k_tr = n_transit / th["MTT"]
-    B0, F_max, src0 = th["B0"], th["F_max"], th["k_B"] * th["B0"]
-    p_ss = src0 / k_tr
-    P_init = tuple(p_ss for _ in range(n_transit))
-    B_init = B0
-
-    def step(carry, c):
-        P, B = carry
-        db_nodes = [c["db_nodes"][j] for j in range(3)]
-        # exponential-Euler predictor of B at the nodes, then sweeps of the chain
-        b_nodes = [B * db_nodes[j] + k_tr * P[-1] * c["dt"][j] for j in range(3)]
-        for _ in range(sweeps):
-            F = [1.0 + F_max * jnp.maximum(0.0, 1.0 - b / B0) for b in b_nodes]
-            y_n, y1_end = _apply(c["w1"], P[0], [src0 * F[j] * c["x1"][j] for j in range(3)])
-            ends = [y1_end]
-            for i in range(1, n_transit):
-                if i == 1:
-                    y_n, y_end = _apply(c["w2"], P[1], [k_tr * y_n[j] * c["x2"][j] for j in range(3)])
-                else:
-                    y_n, y_end = _apply((c["h"], W_ZERO), P[i], [k_tr * y for y in y_n])
-                ends.append(y_end)
-            yb_n, yb_end = _apply(c["wb"], B, [k_tr * y_n[j] * c["xb"][j] for j in range(3)])
-            b_nodes = [yb_n[j] * db_nodes[j] for j in range(3)]
-        P_new = (ends[0] * c["d1"], *(y * c["dp"] for y in ends[1:]))
-        B_new = yb_end * c["db"]
-        return (P_new, B_new), B_new
-
-    # reverse mode recomputes each step from its saved state instead of stacking ~190 intermediates
-    # per step (measured: the forward loop went from ~200 to ~20 kernels per step, gradient ~20% faster)
-    step = jax.checkpoint(step, prevent_cse=False)
-    _, b_path = jax.lax.scan(step, (P_init, B_init), co, unroll=UNROLL)
-    return jnp.concatenate([B_init[None, :], b_path], axis=0)  # [M + 1, S]
+    """``y(s_j) = y0 + Σ_k w[j, k]·q_k`` at the 3 nodes (j < 3) and the end of the step (j = 3)."""
+    out = y0[:, None] + jnp.sum(w * q[:, None, :], axis=-1)
+    return out[:, :3], out[:, 3]
 
 
 @partial(jax.jit, static_argnames=("n_transit", "sweeps", "structure"))
@@ -523,87 +423,78 @@ def solve_nodes(
 
     ``theta`` maps parameter names to arrays of shape ``(subject,)`` (natural units, see
     ``models/reference.toml``). ``nodes`` are node times (days) of shape ``(subject, n_nodes)``.
-    ``steps`` (from :func:`real_steps`) groups the subjects into batches of similar length, each
-    solved without the trailing zero-length padding steps of the longest subject (subjects with short
-    follow-up do not pay for the longest) and small enough to stay in cache. ``ld`` holds the
-    per-subject lymphodepletion inputs (``carnk.LD_KEYS``, shape ``(subject,)``); None: the trial's
-    window for every subject.
+    ``steps`` (from :func:`real_steps`) lists the steps of non-zero length; when given, the
+    state-independent coefficients are computed for those steps only and the zero-length padding
+    steps of shorter subjects share one no-op step. ``ld`` holds the per-subject lymphodepletion
+    inputs (``carnk.LD_KEYS``, shape ``(subject,)``); None: the trial's window for every subject.
     """
     th = {k: jnp.asarray(v, dtype=jnp.float64) for k, v in theta.items()}
     nodes = jnp.asarray(nodes, dtype=jnp.float64)
-    n_sub, n_nodes = nodes.shape
+    n_sub = nodes.shape[0]
     ld = trial_ld(n_sub) if ld is None else ld
     ld = {k: jnp.broadcast_to(jnp.asarray(ld[k], dtype=jnp.float64), (n_sub,)) for k in LD_KEYS}
-    dose_times = jnp.asarray(dose_times, dtype=jnp.float64)
-    dose_amounts = jnp.asarray(dose_amounts, dtype=jnp.float64)
+    dose_times, dose_amounts = jnp.asarray(dose_times), jnp.asarray(dose_amounts)
     if steps is None:
-        b = _solve_dense(th, nodes.T, dose_times, dose_amounts, n_transit, sweeps, structure, ld)
-        return b.T
-    batches, order = steps
-    parts = []
-    for subject, batch_nodes in batches:
-        b = _solve_dense(
+        co = _step_coefficients(th, nodes, dose_times, dose_amounts, n_transit, structure, ld)
+    else:
+        subject, t0, t1, layout = (jnp.asarray(a) for a in steps)
+        flat = _step_coefficients(
             {k: v[subject] for k, v in th.items()},
-            jnp.asarray(batch_nodes, dtype=jnp.float64),
+            jnp.stack([t0, t1], axis=1),
             dose_times[subject],
             dose_amounts[subject],
             n_transit,
-            sweeps,
             structure,
             {k: v[subject] for k, v in ld.items()},
-        ).T  # [S_b, M_b + 1]
-        # after its last real node a subject's B stays put (the padding steps are no-ops)
-        pad = n_nodes - b.shape[1]
-        parts.append(jnp.concatenate([b, jnp.broadcast_to(b[:, -1:], (b.shape[0], pad))], axis=1))
-    return jnp.concatenate(parts, axis=0)[jnp.asarray(order)]
+        )
+        co = {k: v[:, 0][layout] for k, v in flat.items()}
+    k_tr = n_transit / th["MTT"]
+    B0, F_max, src0 = th["B0"], th["F_max"], th["k_B"] * th["B0"]
+    p_ss = src0 / k_tr
+    P_init = tuple(p_ss for _ in range(n_transit))
+    B_init = B0
+
+    def step(carry, c):
+        P, B = carry
+        # exponential-Euler predictor of B at the nodes, then sweeps of the chain
+        b_nodes = B[:, None] * c["db_nodes"] + (k_tr * P[-1])[:, None] * c["dt"]
+        for _ in range(sweeps):
+            F = 1.0 + F_max[:, None] * jnp.maximum(0.0, 1.0 - b_nodes / B0[:, None])
+            y_n, y1_end = _apply(c["w1"], P[0], src0[:, None] * F * c["x1"])
+            ends = [y1_end]
+            for i in range(1, n_transit):
+                if i == 1:
+                    y_n, y_end = _apply(c["w2"], P[1], k_tr[:, None] * y_n * c["x2"])
+                else:
+                    y_n, y_end = _apply(c["hA"], P[i], k_tr[:, None] * y_n)
+                ends.append(y_end)
+            yb_n, yb_end = _apply(c["wb"], B, k_tr[:, None] * y_n * c["xb"])
+            b_nodes = yb_n * c["db_nodes"]
+        P_new = (ends[0] * c["d1"], *(y * c["dp"] for y in ends[1:]))
+        B_new = yb_end * c["db"]
+        return (P_new, B_new), B_new
+
+    xs = {k: jnp.moveaxis(v, 1, 0) for k, v in co.items()}  # scan over steps
+    _, b_path = jax.lax.scan(step, (P_init, B_init), xs, unroll=UNROLL)
+    return jnp.concatenate([B_init[None, :], b_path], axis=0).T  # [S, n_nodes]
 
 
-#: Subjects per batch of a compact solve: small enough that a batch's coefficients and the reverse
-#: pass's saved states stay in a core's cache (cost linear in subjects).
-BATCH_SUBJECTS = int(__import__("os").environ.get("CARNK_BATCH", "20"))
-#: Cost of one scan step of a batch, in subject-steps, and of one batch, for grouping. A scan step of
-#: 20 subjects is dominated by XLA:CPU's per-kernel overhead (~100 small fused kernels per step and
-#: its reverse pass), so splitting 20 subjects into a short and a long batch costs more than padding.
-_STEP_OVERHEAD, _BATCH_OVERHEAD = 20.0, 200.0
+def real_steps(nodes: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """The non-zero-length steps of a padded node array, for :func:`solve_nodes`.
 
-
-def real_steps(nodes: np.ndarray, batch: int | None = None) -> tuple:
-    """The batches of a compact solve of a padded node array, for :func:`solve_nodes`.
-
-    Subjects are sorted by their number of real (non-zero-length) steps and cut into batches of at
-    most ``batch`` (default :data:`BATCH_SUBJECTS`) so that the padded work, the scan steps and the
-    batch count are small together (dynamic programming over the sorted subjects). Returns
-    ``(batches, order)``: per batch its subjects' indices and their nodes, time-major
-    ``(M_b + 1, S_b)`` up to the batch's longest subject; ``order`` puts the concatenated batches back
-    in subject order.
+    Returns ``(subject, t0, t1, layout)``: per real step its subject and end points (days), then one
+    zero-length step (subject 0 at its first node, a no-op); ``layout[s, m]`` is the row of step ``m``
+    of subject ``s`` (the no-op row for padding).
     """
     nodes = np.asarray(nodes, float)
-    n_sub = nodes.shape[0]
-    batch = BATCH_SUBJECTS if batch is None else int(batch)
-    inc = np.diff(nodes, axis=1) > 0
-    # steps up to the last increase of each row (zero-length steps inside a row stay: they are no-ops)
-    length = np.where(inc.any(axis=1), nodes.shape[1] - 1 - np.argmax(inc[:, ::-1], axis=1), 0)
-    length = np.maximum(length, 1)
-    by_len = np.argsort(-length, kind="stable")
-    L = length[by_len]
-    best = np.full(n_sub + 1, np.inf)
-    best[0], cut = 0.0, np.zeros(n_sub + 1, dtype=int)
-    for j in range(1, n_sub + 1):  # best[j]: cost of the first j sorted subjects
-        for i in range(max(0, j - batch), j):
-            cost = best[i] + (j - i + _STEP_OVERHEAD) * L[i] + _BATCH_OVERHEAD
-            if cost < best[j]:
-                best[j], cut[j] = cost, i
-    bounds, j = [], n_sub
-    while j > 0:
-        bounds.append((cut[j], j))
-        j = cut[j]
-    batches = []
-    for i, j in reversed(bounds):
-        idx = np.sort(by_len[i:j])
-        batches.append((idx, np.ascontiguousarray(nodes[idx, : L[i] + 1].T)))
-    perm = np.concatenate([b[0] for b in batches])
-    order = np.argsort(perm)
-    return tuple(batches), order
+    rows, cols = np.nonzero(np.diff(nodes, axis=1) > 0)
+    n_real = len(rows)
+    layout = np.full((nodes.shape[0], nodes.shape[1] - 1), n_real, dtype=np.int64)
+    layout[rows, cols] = np.arange(n_real)
+    subject = np.append(rows, 0)
+    t0 = np.append(nodes[rows, cols], nodes[0, 0])
+    t1 = np.append(nodes[rows, cols + 1], nodes[0, 0])
+    return subject, t0, t1, layout
 
 
 def solve(
