@@ -483,11 +483,9 @@ EVALUATION_FILES = ("vpc.csv", "vpc.png", "npde.csv", "npde_tests.csv", "npde.pn
 
 def evaluation_folder(fit: Any, out: str | Path | None = None) -> Path:
     """The folder ``carnk-pkpd vpc`` writes to: ``out``, or ``<fit>/vpc/`` by default."""
-    if out is None:
-        if fit.path is None:
-            raise ValueError("the fit has no folder; give an output folder")
-        return Path(fit.path) / "vpc"
-    return Path(out)
+    from carnk_pkpd.fits import output_path
+
+    return output_path(fit, out, "vpc")
 
 
 def write_evaluation(

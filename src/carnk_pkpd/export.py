@@ -618,11 +618,9 @@ EXPORT_FILES = {
 
 def export_folder(fit: Any, out: str | os.PathLike | None = None) -> Path:
     """The folder an export goes to: ``out``, or ``<fit>/export/`` by default."""
-    if out is None:
-        if fit.path is None:
-            raise ValueError("the fit has no folder; give an output folder")
-        return Path(fit.path) / "export"
-    return Path(out)
+    from carnk_pkpd.fits import output_path
+
+    return output_path(fit, out, "export")
 
 
 def write_export(

@@ -270,6 +270,16 @@ def summarise(posterior: xr.Dataset, spec: Any) -> pd.DataFrame:
 
 
 # -- save / load ---------------------------------------------------------------------------------------
+def output_path(fit: Any, out: str | os.PathLike | None, default: str, what: str = "folder") -> Path:
+    """``out``, or ``<fit folder>/<default>`` when ``out`` is None (the default place of a command's
+    output); a fit that was never saved has no folder, so ``out`` is then required."""
+    if out is not None:
+        return Path(out)
+    if getattr(fit, "path", None) is None:
+        raise ValueError(f"the fit has no folder; give an output {what}")
+    return Path(fit.path) / default
+
+
 def save_fit(fit: Fit, path: str | os.PathLike, *, overwrite: bool = False) -> Path:
     """Write ``fit`` to the folder ``path`` atomically (temporary sibling folder, then rename)."""
     from carnk_pkpd.atomic import atomic_folder

@@ -326,12 +326,9 @@ def report_path(fit: Any, out: str | os.PathLike | None = None) -> Path:
     """Where the report goes (``out``, default ``<fit>/report.html``), checked against the output rule:
     an existing file is replaced only when it is an earlier report (raises ``OutputRefused``)."""
     from carnk_pkpd.atomic import check_output_files
+    from carnk_pkpd.fits import output_path
 
-    if out is None:
-        if fit.path is None:
-            raise ValueError("the fit has no folder; give an output file")
-        out = Path(fit.path) / "report.html"
-    dest = Path(out)
+    dest = output_path(fit, out, "report.html", what="file")
     if dest.is_dir():
         raise ValueError(f"{dest} is a folder (expected a file name such as report.html)")
     check_output_files(dest.parent, [dest.name], command="report")
