@@ -96,10 +96,15 @@ def main() -> None:
     ap.add_argument("--chains", type=int, default=4)
     ap.add_argument("--seed", type=int, default=1)
     ap.add_argument("--keep", default=None, help="save the fit folders under this folder")
+    ap.add_argument(
+        "--reuse",
+        action="store_true",
+        help="load a fit folder already under --keep instead of refitting (compare checks the data hash)",
+    )
     args = ap.parse_args()
 
     from carnk_pkpd.compare import compare_fits
-    from carnk_pkpd.fits import save_fit
+    from carnk_pkpd.fits import load_fit, save_fit
     from carnk_pkpd.inference import fit
 
     root = Path(args.keep) if args.keep else Path(tempfile.mkdtemp(prefix="bench_compare-"))
@@ -115,11 +120,19 @@ def main() -> None:
         for model in PLAN[name]:
             if models_only and model not in models_only:
                 continue
+            target = root / name / model
+            if args.reuse and (target / "manifest.json").exists():
+                f = load_fit(target)  # compare_fits below refuses fits of different data
+                paths[model] = target
+                d = f.diagnostics
+                print(f"  {model:20s}  (reused {target})  divergences {d.divergences}  "
+                      f"max R-hat {d.max_r_hat:.3f}  min ESS bulk {d.min_ess_bulk:.0f}")  # fmt: skip
+                continue
             t0 = time.perf_counter()
             f = fit(cohort, model, draws=args.draws, tune=args.tune, chains=args.chains, seed=args.seed,
                     progress=False)  # fmt: skip
             wall = time.perf_counter() - t0
-            paths[model] = save_fit(f, root / name / model, overwrite=True)
+            paths[model] = save_fit(f, target, overwrite=True)
             d = f.diagnostics
             print(f"  {model:20s} {wall:7.0f} s  divergences {d.divergences}  max R-hat {d.max_r_hat:.3f}  "
                   f"min ESS bulk {d.min_ess_bulk:.0f}")  # fmt: skip

@@ -23,6 +23,7 @@ from typing import Any
 import numpy as np
 import xarray as xr
 
+from carnk_pkpd import xla
 from carnk_pkpd.fits import Fit, sha256
 
 #: Default NUTS target acceptance (see ``fit``): 0.9, because at 0.8 the reference cohort gave 4
@@ -69,10 +70,6 @@ def _compile_now(compiled: Any) -> None:
     except (AttributeError, TypeError):
         pass
 
-
-#: XLA settings of a worker process: one thread each, so that W workers use W cores without
-#: oversubscribing them (measured: XLA's intra-op threads do not pay off for this model's small arrays).
-SINGLE_THREAD_XLA = "--xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads=1"
 
 #: nutpie's early warm-up window (fraction of ``tune``; nutpie's ``early_window`` default): the draws
 #: before the first full mass-matrix update, reported apart by :func:`fit`'s gradient accounting.
@@ -240,7 +237,9 @@ def _worker_init(queue: Any = None) -> None:
 
     global _PROGRESS_QUEUE
     signal.signal(signal.SIGINT, signal.SIG_IGN)
-    os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " " + SINGLE_THREAD_XLA).strip()
+    xla.configure(
+        single_thread=True
+    )  # one XLA thread per worker (measured: intra-op threads do not pay here)
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     _PROGRESS_QUEUE = queue
 

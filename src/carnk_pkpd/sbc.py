@@ -25,6 +25,8 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from carnk_pkpd import xla
+
 #: Trial design: subjects per dose level (ACR 2024 abstract L17: 1/1/5/13).
 TRIAL_DESIGN = "1:1,2:1,3:5,4:13"
 
@@ -283,7 +285,7 @@ def _run_dask(spec: Any, settings: SBCSettings, ks: list[int], scheduler: str | 
 
     cluster = None
     if scheduler is None:
-        env = {"XLA_FLAGS": "--xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads=1"}
+        env = {"XLA_FLAGS": xla.merged_flags(os.environ.get("XLA_FLAGS", ""), single_thread=True)}
         cluster = LocalCluster(n_workers=os.cpu_count() or 1, threads_per_worker=1, processes=True, env=env)
     client = Client(cluster if cluster is not None else scheduler)
     try:
