@@ -14,6 +14,8 @@ LLDAS at days 180 and 365 (:func:`carnk_pkpd.remission.predict_remission`) is co
 generator's truth: the fraction of ``--truth-n`` new virtual patients of that dose level (full
 follow-up, seed 999) in DORIS / LLDAS at that visit.
 
+``--first K --cohorts N`` runs cohorts K..K+N-1 (seeds ``seed0 + K`` on), so that a run can be split
+over processes writing separate files, summarised together with ``--summarize a.csv,b.csv``.
 Results are appended to ``--out`` one cohort at a time (a run can be stopped and summarised), and the
 coverage rate per (dose level, endpoint, day) and overall is printed with its binomial SE. Every
 number is SYNTHETIC: simulated cohorts, never trial data.
@@ -146,6 +148,12 @@ def summarize(df: pd.DataFrame) -> str:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--cohorts", type=int, default=20)
+    ap.add_argument(
+        "--first",
+        type=int,
+        default=0,
+        help="index of the first cohort (seed seed0 + index); split a run over processes",
+    )
     ap.add_argument("--subjects", type=int, default=20)
     ap.add_argument("--seed0", type=int, default=100)
     ap.add_argument("--draws", type=int, default=100)
@@ -156,7 +164,7 @@ def main() -> None:
     ap.add_argument("--summarize", default=None, help="Only print the summary of an earlier --out file.")
     args = ap.parse_args()
     if args.summarize:
-        print(summarize(pd.read_csv(args.summarize)))
+        print(summarize(pd.concat([pd.read_csv(p) for p in args.summarize.split(",")], ignore_index=True)))
         return
     warnings.simplefilter("ignore")
     out = Path(args.out)
@@ -170,7 +178,7 @@ def main() -> None:
         print(f"truth from {args.truth_n} SYNTHETIC patients per level ({time.perf_counter() - t:.0f} s):")
     print(truth.to_string(index=False))
     done = set(pd.read_csv(out)["cohort"]) if out.exists() else set()
-    for i in range(args.cohorts):
+    for i in range(args.first, args.first + args.cohorts):
         if i in done:
             continue
         rows = one_cohort(i, args, truth)

@@ -115,3 +115,47 @@ def test_cli_writes_csv_into_a_new_folder_only(small_fit, stein_fit, tmp_path):
     assert res.exit_code == 1 and "at least two fits" in res.output
     res = runner.invoke(app, ["compare", str(small_fit.path), str(tmp_path / "missing")])
     assert res.exit_code == 1 and "not a fit folder" in res.output
+
+
+def test_a_record_with_the_same_log_likelihood_in_every_draw_counts_exactly():
+    """A BLQ record with P(Y < LLOQ) = 1 in every draw has log-lik 0 in every draw: ArviZ's Pareto fit
+    cannot take it ("All tail values are the same"). Leaving it out changes no weight, so its elpd is
+    exactly 0 and the other records' PSIS-LOO values are ArviZ's own."""
+    import arviz as az
+
+    from carnk_pkpd.compare import psis_loo
+
+    rng = np.random.default_rng(0)
+    chains, draws, n = 2, 200, 12
+    mu = rng.normal(size=(chains, draws))
+    y = rng.normal(size=n)
+    ll = -0.5 * (y[None, None, :] - mu[..., None]) ** 2 - 0.5 * np.log(2 * np.pi)
+    ll[..., 4] = 0.0  # the BLQ record
+    ll[..., 9] = -1.25  # any constant
+    dims = ("chain", "draw", "record")
+    coords = {"chain": np.arange(chains), "draw": np.arange(draws), "record": np.arange(n)}
+    post = xr.Dataset(
+        {"mu": (("chain", "draw"), mu)}, coords={"chain": coords["chain"], "draw": coords["draw"]}
+    )
+    tree = xr.DataTree.from_dict(
+        {"/posterior": post, "/log_likelihood": xr.Dataset({"DV": (dims, ll)}, coords=coords)}
+    )
+    res = psis_loo(tree)
+    elpd_i = np.asarray(res.elpd_i.values)
+    assert elpd_i[4] == pytest.approx(0.0, abs=1e-12) and elpd_i[9] == pytest.approx(-1.25, abs=1e-12)
+    keep = [j for j in range(n) if j not in (4, 9)]
+    alone = xr.DataTree.from_dict(
+        {
+            "/posterior": post,
+            "/log_likelihood": xr.Dataset({"DV": (dims, ll[..., keep])}, coords={**coords, "record": keep}),
+        }
+    )
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        ref = az.loo(alone, pointwise=True)
+    np.testing.assert_allclose(elpd_i[keep], np.asarray(ref.elpd_i.values), rtol=1e-10)
+    np.testing.assert_allclose(
+        np.asarray(res.pareto_k.values)[keep], np.asarray(ref.pareto_k.values), rtol=1e-10
+    )
+    assert np.isnan(np.asarray(res.pareto_k.values)[[4, 9]]).all()
+    assert res.elpd == pytest.approx(float(ref.elpd) - 1.25, rel=1e-10)

@@ -73,6 +73,41 @@ def _joint_tree(fit: Any, label: str) -> xr.DataTree:
     return xr.DataTree.from_dict({"/posterior": fit.posterior, "/log_likelihood": ll.to_dataset(name="DV")})
 
 
+def psis_loo(tree: xr.DataTree) -> Any:
+    """``az.loo(tree, pointwise=True)`` that also takes records whose log-likelihood is the same in
+    every draw (e.g. a BLQ record with P(Y < LLOQ) = 1 in every draw), on which ArviZ's Pareto fit
+    stops with "All tail values are the same". Leaving such a record out reweights nothing: its
+    importance weights are uniform, its elpd is that constant exactly and its Pareto k is NaN (no
+    tail to fit). The other records get ArviZ's PSIS weights and k unchanged."""
+    import arviz as az
+
+    ll = tree["log_likelihood"]["DV"]
+    const = (ll.max(("chain", "draw")) == ll.min(("chain", "draw"))).values
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the Pareto-k warning is reported in the table instead
+        if not const.any():
+            return az.loo(tree, pointwise=True)
+        if const.all():
+            raise FitError("every record's log-likelihood is the same in every draw: nothing to compare")
+        varying = xr.DataTree.from_dict(
+            {
+                "/posterior": tree["posterior"].to_dataset(),
+                "/log_likelihood": ll.isel(record=np.flatnonzero(~const)).to_dataset(name="DV"),
+            }
+        )
+        part = az.loo(varying, pointwise=True)
+        n_samples = ll.sizes["chain"] * ll.sizes["draw"]
+        log_w = xr.full_like(ll, -np.log(n_samples))
+        log_w[{"record": np.flatnonzero(~const)}] = part.log_weights.transpose(*ll.dims).values
+        k = xr.DataArray(
+            np.full(ll.sizes["record"], np.nan), dims=("record",), coords={"record": ll["record"]}
+        )
+        k[np.flatnonzero(~const)] = np.asarray(part.pareto_k.values, dtype=float)
+        return az.loo(
+            tree, pointwise=True, log_weights=log_w.to_dataset(name="DV"), pareto_k=k.to_dataset(name="DV")
+        )
+
+
 def compare_fits(
     fits: Sequence[Any | str | os.PathLike],
     out: str | os.PathLike | None = None,
@@ -129,12 +164,9 @@ def compare_fits(
     results, extra = {}, {}
     for fit, lab in zip(loaded, labels, strict=True):
         tree = _joint_tree(fit, lab)
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # the Pareto-k warning is reported in the table instead
-            res = az.loo(tree, pointwise=True)
+        res = psis_loo(tree)
         results[lab] = res
-        # k is undefined (NaN) where a record's log-lik is constant over the draws (e.g. a BLQ record
-        # with P(Y < LLOQ) = 1 in every draw): the importance weights are then exact, so it counts as good
+        # k is NaN where a record's log-lik is the same in every draw (psis_loo): counted as good
         k = np.nan_to_num(np.asarray(res.pareto_k.values, dtype=float), nan=-np.inf)
         dvid = tree["log_likelihood"]["DVID"].values
         elpd_i = np.asarray(res.elpd_i.values)
