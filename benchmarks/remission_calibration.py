@@ -57,6 +57,7 @@ def truth_table(n: int, seed: int = 999) -> pd.DataFrame:
 
 def one_cohort(i: int, args: argparse.Namespace, truth: pd.DataFrame) -> list[dict]:
     from carnk_pkpd.cohortsim import simulate_cohort
+    from carnk_pkpd.fits import load_fit, save_fit
     from carnk_pkpd.inference import fit
     from carnk_pkpd.regimen import Regimen
     from carnk_pkpd.remission import (
@@ -67,9 +68,20 @@ def one_cohort(i: int, args: argparse.Namespace, truth: pd.DataFrame) -> list[di
     )
 
     seed = args.seed0 + i
-    cohort, _ = simulate_cohort("reference", n_subjects=args.subjects, seed=seed)
+    kept = Path(args.keep) / f"cohort_{i:03d}" if args.keep else None
     t0 = time.perf_counter()
-    f = fit(cohort, draws=args.draws, tune=args.tune, chains=args.chains, seed=seed, progress=False)
+    if kept is not None and (kept / "manifest.json").exists():
+        f = load_fit(kept)  # stage 1 of an earlier run (same seed): only stage 2 runs again
+        stage1_s = float(f.manifest.get("timings", {}).get("wall_seconds", np.nan))
+    else:
+        cohort, _ = simulate_cohort("reference", n_subjects=args.subjects, seed=seed)
+        f = fit(cohort, draws=args.draws, tune=args.tune, chains=args.chains, seed=seed, progress=False)
+        if kept is not None:
+            f = load_fit(save_fit(f, kept))
+        stage1_s = time.perf_counter() - t0
+    if args.stage1_only:
+        print(f"cohort {i} (seed {seed}): stage 1 {stage1_s:.0f} s (kept in {kept})", flush=True)
+        return []
     t1 = time.perf_counter()
     post = remission_source(f, seed=seed)
     t2 = time.perf_counter()
@@ -78,7 +90,8 @@ def one_cohort(i: int, args: argparse.Namespace, truth: pd.DataFrame) -> list[di
     ok = bool(pooled["ok"].all())
     share1 = float(pooled.loc["theta1", "between_share"])
     print(
-        f"cohort {i} (seed {seed}): stage 1 {t1 - t0:.0f} s, stage 2 {t2 - t1:.0f} s; {diagnostics_line(post)}"
+        f"cohort {i} (seed {seed}): stage 1 {stage1_s:.0f} s, stage 2 {t2 - t1:.0f} s; {diagnostics_line(post)}",
+        flush=True,
     )
     rows = []
     for lab in LEVELS:
@@ -102,7 +115,7 @@ def one_cohort(i: int, args: argparse.Namespace, truth: pd.DataFrame) -> list[di
                         q95=q[2],
                         truth=tr,
                         covered=bool(q[0] <= tr <= q[2]),
-                        stage1_s=t1 - t0,
+                        stage1_s=stage1_s,
                         stage2_s=t2 - t1,
                         stage2_ok=ok,
                         between_share_theta0_lldas=float(pooled.loc["theta0_lldas", "between_share"]),
@@ -161,6 +174,10 @@ def main() -> None:
     ap.add_argument("--chains", type=int, default=2)
     ap.add_argument("--truth-n", type=int, default=2000)
     ap.add_argument("--out", default="remission_calibration.csv")
+    ap.add_argument(
+        "--keep", default=None, help="keep each cohort's stage-1 fit under this folder and reuse it"
+    )
+    ap.add_argument("--stage1-only", action="store_true", help="only fit (and --keep) stage 1")
     ap.add_argument("--summarize", default=None, help="Only print the summary of an earlier --out file.")
     args = ap.parse_args()
     if args.summarize:
@@ -182,8 +199,11 @@ def main() -> None:
         if i in done:
             continue
         rows = one_cohort(i, args, truth)
+        if not rows:
+            continue
         pd.DataFrame(rows).to_csv(out, mode="a", header=not out.exists(), index=False)
-    print(summarize(pd.read_csv(out)))
+    if out.exists():
+        print(summarize(pd.read_csv(out)))
 
 
 if __name__ == "__main__":

@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
+import xarray as xr
 from typer.testing import CliRunner
 
 from carnk_pkpd import remission as R
@@ -327,3 +328,125 @@ def test_concordance_check_counts_constant_and_reversing_patients():
     )
     assert (tab["p_value"] == 0.0).all()
     assert "FAIL" in R.concordance_line(post.merge(R.concordance_check(post, oc, n_rep=4)))
+
+
+# --- the patient effect integrated out (stage 2 samples no u; u is drawn afterwards) -------------------
+
+
+def _one_patient(seq: list[int]) -> dict[str, np.ndarray]:
+    """Visit-category indicators for one patient's sequence (0 none, 1 LLDAS only, 2 DORIS)."""
+    c = np.asarray(seq)
+    return {
+        "none": (c == 0).astype(float),
+        "lldas_only": (c == 1).astype(float),
+        "doris": (c == 2).astype(float),
+        "lldas": np.zeros(c.size),
+        "not_doris": np.zeros(c.size),
+    }
+
+
+@pytest.mark.parametrize("sigma_u", [0.5, 3.0, 9.0])
+def test_marginal_likelihood_of_a_patient_equals_numerical_integration(sigma_u):
+    """log ∫ N(u; 0, σ_u) Π_v p(y_v | u) du on the grid equals scipy's adaptive quadrature, also for a
+    near-deterministic patient (five DORIS visits) with a wide patient-effect SD."""
+    from scipy.integrate import quad
+
+    a_l, delta, eta = 0.4, 1.3, np.array([-0.2, 0.1, 0.3, 0.0, 0.5])
+    for seq in ([2, 2, 2, 2, 2], [0, 1, 2, 1, 0], [0, 0, 0, 0, 0]):
+        case = _one_patient(seq)
+
+        def lik(u, seq=seq):
+            ll = sum(
+                R._case_loglik(
+                    ("none", "lldas_only", "doris")[cat], a_l + e + u, a_l - delta + e + u, delta,
+                    R._np_log1pexp, R._np_log1mexp,
+                )
+                for cat, e in zip(seq, eta, strict=True)
+            )  # fmt: skip
+            return np.exp(ll) * np.exp(-0.5 * (u / sigma_u) ** 2) / (sigma_u * np.sqrt(2 * np.pi))
+
+        exact = quad(lik, -60 * sigma_u, 60 * sigma_u, points=[0.0], limit=400, epsabs=0, epsrel=1e-12)[0]
+        x, w = R.normal_quadrature()
+        ll = R._subject_node_loglik(
+            (a_l + eta)[:, None] + sigma_u * x[None, :],
+            (a_l - delta + eta)[:, None] + sigma_u * x[None, :],
+            delta,
+            np.zeros(len(seq), int),
+            case,
+            1,
+            tensor=False,
+        )[0]
+        assert np.log(np.sum(w * np.exp(ll))) == pytest.approx(np.log(exact), abs=1e-5)
+
+
+def test_patient_effects_are_drawn_from_their_conditional_posterior():
+    """With θ fixed in every draw, the drawn u of a patient has the mean and SD of p(u | θ, y), computed
+    by scipy's quadrature (Monte Carlo tolerance: 4 standard errors of 4,000 draws)."""
+    from scipy.integrate import quad
+
+    nd = 4000
+    theta = dict(theta0_lldas=0.4, delta=1.3, theta1=0.8, sigma_u=2.5)
+    grid = np.array([90.0, 180.0, 365.0])
+    xr_post = xr.Dataset(
+        {
+            **{k: (("chain", "draw"), np.full((1, nd), v)) for k, v in theta.items()},
+            "theta0_doris": (("chain", "draw"), np.full((1, nd), theta["theta0_lldas"] - theta["delta"])),
+            "v": (("chain", "draw", "visit_day"), np.tile([-0.5, 0.0, 0.3], (1, nd, 1))),
+        },
+        coords={"chain": [0], "draw": np.arange(nd), "visit_day": grid},
+    )
+    z = np.array([0.5, -1.0])
+    seqs = [[2, 2, 2], [0, 1, 0]]
+    sidx = np.repeat([0, 1], 3)
+    didx = np.tile([0, 1, 2], 2)
+    case = {k: np.concatenate([_one_patient(s)[k] for s in seqs]) for k in _one_patient([0])}
+    u = R._conditional_patient_effects(xr_post, z, sidx, didx, case, 2, np.random.default_rng(1))
+    assert u.shape == (1, nd, 2)
+    v = np.array([-0.5, 0.0, 0.3])
+    for i, seq in enumerate(seqs):
+        eta = theta["theta1"] * z[i] + v
+
+        def dens(uu, seq=seq, eta=eta):
+            ll = sum(
+                R._case_loglik(
+                    ("none", "lldas_only", "doris")[cat],
+                    theta["theta0_lldas"] + e + uu,
+                    theta["theta0_lldas"] - theta["delta"] + e + uu,
+                    theta["delta"],
+                    R._np_log1pexp,
+                    R._np_log1mexp,
+                )
+                for cat, e in zip(seq, eta, strict=True)
+            )
+            return np.exp(ll - 0.5 * (uu / theta["sigma_u"]) ** 2)
+
+        lim = 20 * theta["sigma_u"]
+        z0 = quad(dens, -lim, lim, limit=200)[0]
+        m1 = quad(lambda t: t * dens(t), -lim, lim, limit=200)[0] / z0
+        m2 = quad(lambda t: t * t * dens(t), -lim, lim, limit=200)[0] / z0
+        sd = np.sqrt(m2 - m1**2)
+        got = u[0, :, i]
+        assert abs(got.mean() - m1) < 4 * sd / np.sqrt(nd)
+        assert abs(got.std() - sd) < 4 * sd / np.sqrt(2 * nd)
+
+
+def test_sampled_model_and_u_draws_use_the_same_patient_sums():
+    """The PyTensor scatter-add (in the sampled model) equals the numpy one (in the draws of u), with
+    several visits per patient and every visit category."""
+    import pytensor
+    import pytensor.tensor as pt
+
+    rng = np.random.default_rng(0)
+    nv, nq, ns = 30, 161, 7
+    sidx = rng.integers(0, ns, nv)
+    cats = rng.integers(0, 5, nv)
+    case = {
+        k: (cats == i).astype(float)
+        for i, k in enumerate(["none", "lldas_only", "doris", "lldas", "not_doris"])
+    }
+    xl = rng.normal(size=(nv, nq))
+    a, b = pt.matrix("a"), pt.matrix("b")
+    f = pytensor.function([a, b], R._subject_node_loglik(a, b, 1.3, sidx, case, ns, tensor=True))
+    np.testing.assert_allclose(
+        f(xl, xl - 1.3), R._subject_node_loglik(xl, xl - 1.3, 1.3, sidx, case, ns, tensor=False), atol=1e-12
+    )
