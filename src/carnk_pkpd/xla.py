@@ -1,58 +1,30 @@
 """XLA settings for the CPU backend, applied before JAX starts its backend.
 
-JAX reads ``XLA_FLAGS`` once, when the first computation runs. :func:`configure` adds this package's
-flags to whatever the user set (theirs come first and win) and must run before that first
-computation: :mod:`carnk_pkpd.structural.solve` calls it on import, and every worker process calls
-:func:`configure` with ``single_thread=True`` before it imports JAX.
+JAX reads ``XLA_FLAGS`` once, when the first computation runs. Worker processes (fit chains, the
+Dask SBC cluster) call :func:`configure` with ``single_thread=True`` before they import JAX: one
+XLA thread each, so that W workers use W cores without oversubscribing them (measured: XLA's
+intra-op threads do not pay off for this model's small arrays). The user's own flags come first
+and win.
 
-Flags:
-
-- ``--xla_cpu_experimental_ynn_fusion_type=`` (empty: no YNNPACK library fusions). This model's
-  solver is ~100 tiny array operations per step; XLA's library fusions for them were slower than
-  its own loops in reverse mode. Measured with ``benchmarks/bench_solver.py --sections e``: value
-  and gradient 23-26% cheaper (20 to 60 subjects). Only set for the jaxlib series it was measured on
-  (:data:`YNN_FLAG_SERIES`), because an XLA flag unknown to a jaxlib aborts the process.
-- ``--xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads=1`` in worker processes: one
-  thread each, so that W workers use W cores without oversubscribing them.
-
-Set ``CARNK_PKPD_XLA_DEFAULTS=0`` to leave out the YNNPACK flag (worker processes still get one
-thread each).
+Not adopted: ``--xla_cpu_experimental_ynn_fusion_type=`` (no YNNPACK library fusions). Measured with
+``benchmarks/bench_solver.py --sections e``, both variants at once on the two cores and then with
+the cores swapped: 5.84 / 6.94 ms without and 6.14 / 6.98 ms with it (20 subjects), 51.0 / 54.9 vs
+52.0 / 58.3 ms (60 subjects). An earlier 23-26% gain, taken one variant after the other on a loaded
+machine, was load noise.
 """
 
 from __future__ import annotations
 
 import os
-from importlib.metadata import PackageNotFoundError, version
 
-#: (major, minor) jaxlib series on which the YNNPACK flag was measured and is known to parse.
-YNN_FLAG_SERIES = ((0, 12),)
-YNN_FLAG = "--xla_cpu_experimental_ynn_fusion_type="
 SINGLE_THREAD = "--xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads=1"
-
-
-def _jaxlib_series() -> tuple[int, int] | None:
-    try:
-        parts = version("jaxlib").split(".")
-        return int(parts[0]), int(parts[1])
-    except (PackageNotFoundError, ValueError, IndexError):
-        return None
-
-
-def package_flags(single_thread: bool = False) -> list[str]:
-    """The flags this package adds for the installed jaxlib (see the module doc)."""
-    flags = []
-    if os.environ.get("CARNK_PKPD_XLA_DEFAULTS", "1") != "0" and _jaxlib_series() in YNN_FLAG_SERIES:
-        flags.append(YNN_FLAG)
-    if single_thread:
-        flags.extend(SINGLE_THREAD.split())
-    return flags
 
 
 def merged_flags(user: str, single_thread: bool = False) -> str:
     """``user``'s XLA_FLAGS plus this package's, skipping any flag name the user already set."""
     have = {f.split("=", 1)[0] for f in user.split()}
-    extra = [f for f in package_flags(single_thread) if f.split("=", 1)[0] not in have]
-    return " ".join([*user.split(), *extra])
+    ours = SINGLE_THREAD.split() if single_thread else []
+    return " ".join([*user.split(), *(f for f in ours if f.split("=", 1)[0] not in have)])
 
 
 def configure(single_thread: bool = False) -> None:
