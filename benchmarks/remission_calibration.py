@@ -20,10 +20,12 @@ Results are appended to ``--out`` one cohort at a time (a run can be stopped and
 coverage rate per (dose level, endpoint, day) and overall is printed with its binomial SE. Every
 number is SYNTHETIC: simulated cohorts, never trial data.
 
-Measured so far (2-core machine shared with other jobs, load average ~20): ONE cohort only (seed
-100, ``--draws 60 --tune 100 --truth-n 1000``): stage 1 2574 s, stage 2 127 s; 8 of 8 90% intervals
-covered the truth (widths 0.31-0.60); the stage-2 check said FAIL (worst R-hat within one imputation
-1.053 > 1.05). One cohort says nothing about the coverage RATE: run the 20 cohorts on a free machine.
+Measured so far (2-core machine shared with other jobs): ONE cohort only (seed 100, ``--draws 60
+--tune 100 --truth-n 1000``, stage 2 before the patient effect was integrated out): 8 of 8 90%
+intervals covered the truth (widths 0.31-0.60) and the stage-2 check said FAIL (worst R-hat within an
+imputation 1.053). One cohort says nothing about the coverage RATE. A stage-1 fit of one cohort
+(1 chain x (150 + 100)) took 776 s at load ~10, about 5 core-minutes: run the 20 cohorts on a free
+machine, split over two processes with ``--keep``.
 """
 
 from __future__ import annotations
