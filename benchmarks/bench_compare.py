@@ -20,7 +20,13 @@ Run:  .venv/bin/python benchmarks/bench_compare.py [--only embedded,dl,dose]
                                                     [--keep DIR]
 
 Fits run one at a time. Prints per comparison: elpd_loo ± SE of each fit, elpd_diff (worse − best)
-± dse, Pareto-k counts, and wall times. Full-size fits take ~10 min each on 2 free cores.
+± dse, Pareto-k counts, and wall times. ``--reuse`` loads fit folders already under ``--keep``.
+
+Measured (``--draws 300 --tune 300 --chains 2 --seed 1``, machine shared, load 4-12), embedded cohort:
+reference -1053.1 (SE 42.3); stein -1094.1, elpd_diff -41.0 (dse 8.1); reference_dl -1055.4,
+elpd_diff -2.3 (dse 1.8). 75 of 531 records have Pareto k > 0.64 (leave-one-record-out in a model
+with per-subject random effects). Wall per fit 829-2335 s under that load; one chain of
+reference_dose_cov needed > 41 CPU-minutes (stopped).
 """
 
 from __future__ import annotations
