@@ -84,6 +84,17 @@ def test_npde_flags_a_threefold_rejection_rate(world):
     assert t["global_p"] < 1e-3, tests
 
 
+def _correlated_records(
+    rng: np.random.Generator, k: int, n_sub: int, chol: np.ndarray, mean: float | np.ndarray
+) -> tuple[np.ndarray, np.ndarray]:
+    """``k`` replicates ``(k, n_sub * n_rec)`` and one observed set ``(n_sub * n_rec,)`` of Gaussian
+    records with within-subject covariance ``chol @ chol.T`` and mean ``mean`` (replicates drawn first)."""
+    n_rec = chol.shape[0]
+    sims = (rng.standard_normal((k, n_sub, n_rec)) @ chol.T + mean).reshape(k, -1)
+    obs = (rng.standard_normal((n_sub, n_rec)) @ chol.T + mean).reshape(-1)
+    return sims, obs
+
+
 def test_decorrelation_removes_within_subject_correlation():
     """Gaussian records with within-subject correlation 0.9: pd (undecorrelated) of consecutive records
     are strongly correlated, NPDE are not, and both are uniform / standard normal."""
@@ -93,8 +104,7 @@ def test_decorrelation_removes_within_subject_correlation():
     n_sub, n_rec, k = 150, 5, 400
     cov = 0.9 + 0.1 * np.eye(n_rec)
     chol = np.linalg.cholesky(cov)
-    sims = (rng.standard_normal((k, n_sub, n_rec)) @ chol.T + 50.0).reshape(k, -1)
-    obs = (rng.standard_normal((n_sub, n_rec)) @ chol.T + 50.0).reshape(-1)
+    sims, obs = _correlated_records(rng, k, n_sub, chol, 50.0)
     reps = xr.Dataset(
         {"y": (("replicate", "record"), sims), "blq": (("replicate", "record"), np.zeros_like(sims, bool))},
         coords={
@@ -312,16 +322,14 @@ def test_ewres_matches_the_exact_inverse_square_root():
     chol = np.linalg.cholesky(cov)
     exact_w = np.real(inv(sqrtm(cov)))
     n_sub = 3
-    sims = (rng.standard_normal((k, n_sub, n_rec)) @ chol.T + mu).reshape(k, -1)
-    obs = (rng.standard_normal((n_sub, n_rec)) @ chol.T + mu).reshape(-1)
+    sims, obs = _correlated_records(rng, k, n_sub, chol, mu)
     got = ewres(_gaussian_reps(sims, obs, n_sub, n_rec)).reshape(n_sub, n_rec)
     exact = (obs.reshape(n_sub, n_rec) - mu) @ exact_w.T
     np.testing.assert_allclose(got, exact, atol=0.05)
 
     # many subjects, fewer replicates: decorrelated, mean 0, variance 1
     n_sub, k = 400, 1000
-    sims = (rng.standard_normal((k, n_sub, n_rec)) @ chol.T + mu).reshape(k, -1)
-    obs = (rng.standard_normal((n_sub, n_rec)) @ chol.T + mu).reshape(-1)
+    sims, obs = _correlated_records(rng, k, n_sub, chol, mu)
     z = ewres(_gaussian_reps(sims, obs, n_sub, n_rec)).reshape(n_sub, n_rec)
     assert abs(z.mean()) < 0.1 and 0.85 < z.var() < 1.15
     raw = obs.reshape(n_sub, n_rec)
@@ -341,8 +349,7 @@ def test_ewres_of_log_normal_records_is_taken_on_the_log_scale_and_skips_blq():
     n_sub, n_rec, k = 5, 3, 2000
     cov = 0.3 + 0.2 * np.eye(n_rec)
     chol = np.linalg.cholesky(cov)
-    log_sims = (rng.standard_normal((k, n_sub, n_rec)) @ chol.T + 2.0).reshape(k, -1)
-    log_obs = (rng.standard_normal((n_sub, n_rec)) @ chol.T + 2.0).reshape(-1)
+    log_sims, log_obs = _correlated_records(rng, k, n_sub, chol, 2.0)
     on_log = ewres(_gaussian_reps(log_sims, log_obs, n_sub, n_rec, dvid=2))
     natural = ewres(_gaussian_reps(np.exp(log_sims), np.exp(log_obs), n_sub, n_rec, dvid=1))
     np.testing.assert_allclose(natural, on_log, rtol=1e-9, atol=1e-9)

@@ -653,14 +653,14 @@ def sample_remission(
             )  # (subject, node)
             pm.Potential("visits", pt.sum(pm.math.logsumexp(per_subject + np.log(qw)[None, :], axis=1)))
         if published:
-            gh_x, gh_w = normal_quadrature(SINGLE_VISIT_POINTS)
+            qx1, qw1 = normal_quadrature(SINGLE_VISIT_POINTS)
             for j, c in enumerate(published):
                 p_l = p_d = 0.0
                 dj = np.array([int(np.argmin(np.abs(grid - day))) for day in c.days()])
                 for lab, w in c.mix.items():
                     # (patient, follow-up day, GH node): averaged over all three with weights
-                    lin = b * pub_d[lab][:, None, None] + v[dj][None, :, None] + sigma_u * gh_x[None, None, :]
-                    wk = w * gh_w[None, None, :] / (dj.size * zpub[lab].shape[1])
+                    lin = b * pub_d[lab][:, None, None] + v[dj][None, :, None] + sigma_u * qx1[None, None, :]
+                    wk = w * qw1[None, None, :] / (dj.size * zpub[lab].shape[1])
                     p_l = p_l + pt.sum(pm.math.sigmoid(a_l + lin) * wk)
                     p_d = p_d + pt.sum(pm.math.sigmoid(a_d + lin) * wk)
                 probs = pt.clip(pt.stack([1.0 - p_l, p_l - p_d, p_d]), 1e-12, 1.0)
@@ -932,12 +932,12 @@ def marginal_probabilities(post: xr.Dataset, metric: np.ndarray, day: float) -> 
     """P(DORIS), P(LLDAS) of a new patient with link covariate ``metric`` (shape as for
     :func:`link_probabilities`) with the patient effect integrated out: ``E_u σ(theta0 + η + u)``,
     ``u ~ N(0, sigma_u)`` of each link draw, on the grid of :func:`normal_quadrature`."""
-    gh_x, gh_w = normal_quadrature(SINGLE_VISIT_POINTS)
+    qx1, qw1 = normal_quadrature(SINGLE_VISIT_POINTS)
     sig = _flat(post, "sigma_u")
     x = np.asarray(metric, float)
     extra = (1,) * max(np.ndim(x) - 1, 0)
     out: dict[str, np.ndarray] = {}
-    for node, w in zip(gh_x, gh_w, strict=True):
+    for node, w in zip(qx1, qw1, strict=True):
         pr = link_probabilities(post, x, day, (sig * node).reshape((sig.size, *extra)))
         for ep in ENDPOINTS:
             out[ep] = out.get(ep, 0.0) + w * pr[ep]
