@@ -83,7 +83,7 @@ def report_html(fit_copy) -> Path:
     for rel, text in OTHER_OUTPUTS.items():
         (fit_copy.path / rel).parent.mkdir(exist_ok=True)
         (fit_copy.path / rel).write_text(text, encoding="utf-8")
-    return write_report(fit_copy, n_draws=N_DRAWS, seed=1, n_replicates=100)
+    return write_report(fit_copy, n_draws=N_DRAWS, seed=1, n_replicates=100, cwres=False)
 
 
 def test_parameter_table_labels_and_cv(fit_copy):
@@ -137,7 +137,7 @@ def test_parameter_table_labels_and_cv(fit_copy):
 
 
 def test_iwres_and_epsilon_shrinkage(fit_copy):
-    sd = sdtab(fit_copy, N_DRAWS, seed=2)
+    sd = sdtab(fit_copy, N_DRAWS, seed=2, cwres=False)
     post = fit_copy.posterior
     obs = sd[(sd["EVID"] == 0) & (sd["BLQ"] == 0)]
     car, b = obs[obs["DVID"] == 1], obs[obs["DVID"] == 2]
@@ -216,6 +216,7 @@ def test_sdtab_columns_and_rows(fit_copy):
         "PRED",
         "IPRED",
         "EPRED",
+        "CWRES",
         "IWRES",
         "EWRES",
         "NPDE",
@@ -238,7 +239,11 @@ def test_sdtab_columns_and_rows(fit_copy):
     np.testing.assert_allclose(obs["NPDE"], npde(reps, 2)["npde"], equal_nan=True)
     assert obs.loc[obs["BLQ"] == 1, "EWRES"].isna().all()
     assert np.isfinite(obs.loc[obs["BLQ"] == 0, "EWRES"]).all()
-    assert not {"CWRES", "PDE_FITTED"} & set(sd.columns)
+    assert "PDE_FITTED" not in sd.columns
+    # CWRES (FOCE linearisation, tested against an independent one in test_cwres.py): a number for
+    # every quantified record, none for BLQ records
+    assert obs.loc[obs["BLQ"] == 1, "CWRES"].isna().all()
+    assert np.isfinite(obs.loc[obs["BLQ"] == 0, "CWRES"]).all()
     assert (obs["IPRED"] > 0).all()
     # dosing and lymphodepletion rows, in the cohort's order
     df = fit_copy.cohort.to_dataframe()
@@ -246,7 +251,7 @@ def test_sdtab_columns_and_rows(fit_copy):
     expected = df[df["EVID"].isin([1, 2])]
     assert len(doses) == len(expected) and (doses["MDV"] == 1).all()
     np.testing.assert_allclose(doses["AMT"], expected["AMT"].fillna(0.0))
-    assert doses[["DV", "PRED", "IPRED", "EPRED", "IWRES", "EWRES", "NPDE"]].isna().all().all()
+    assert doses[["DV", "PRED", "IPRED", "EPRED", "CWRES", "IWRES", "EWRES", "NPDE"]].isna().all().all()
     for sid, g in sd.groupby("ID", sort=False):
         assert g["TIME"].is_monotonic_increasing, sid
     # ETAj: posterior mean of omega_p * eta_p,i, constant within a subject
@@ -296,7 +301,7 @@ def test_posterior_predictive_shapes(fit_copy):
 
 @pytest.mark.parametrize("fmt", FORMATS)
 def test_each_format_readable(fit_copy, tmp_path, fmt):
-    paths = write_export(fit_copy, fmt, tmp_path / fmt, n_draws=N_DRAWS, seed=4)
+    paths = write_export(fit_copy, fmt, tmp_path / fmt, n_draws=N_DRAWS, seed=4, cwres=False)
     assert paths and all(p.exists() for p in paths)
     leftovers = [p.name for p in (tmp_path / fmt).iterdir() if p.name.startswith(".") and p.name != MARKER]
     assert not leftovers  # no temporary files left; only the marker of the folder's owner
@@ -434,7 +439,7 @@ def test_cli_export_and_errors(fit_copy, tmp_path):
     runner = CliRunner()
     out = tmp_path / "cli"
     res = runner.invoke(app, ["export", str(fit_copy.path), "--format", "csv", "--out", str(out),
-                              "--draws", str(N_DRAWS)])  # fmt: skip
+                              "--draws", str(N_DRAWS), "--no-cwres"])  # fmt: skip
     assert res.exit_code == 0, res.output
     assert (out / "sdtab.csv").exists() and "SYNTHETIC" in res.output
     res = runner.invoke(app, ["export", str(tmp_path / "missing")])

@@ -772,6 +772,9 @@ def export_cmd(
     ),
     n_draws: int = typer.Option(200, "--draws", min=1, help="Posterior draws for predictions."),
     seed: int = typer.Option(0, "--seed", help="Seed for thinning draws and replicated data."),
+    cwres: bool = typer.Option(
+        True, "--cwres/--no-cwres", help="Compute CWRES (FOCE linearisation; ~30 s of compilation)."
+    ),
 ) -> None:
     """Export parameter (THETA/OMEGA/SIGMA), per-subject and sdtab tables, or netCDF posteriors.
 
@@ -794,7 +797,7 @@ def export_cmd(
             _warnings_table(),
             _step(console, f"exporting ({fmt}; posterior predictive from {n_draws} draws)"),
         ):
-            paths = write_export(fit, fmt, out, n_draws=n_draws, seed=seed)
+            paths = write_export(fit, fmt, out, n_draws=n_draws, seed=seed, cwres=cwres)
     except OutputRefused as exc:
         raise _fail(str(exc), 1) from None
     except OSError as exc:
@@ -813,6 +816,9 @@ def report_cmd(
     out: str | None = typer.Option(None, "--out", help="HTML file (default FIT/report.html)."),
     n_draws: int = typer.Option(100, "--draws", min=1, help="Posterior draws for predictions and VPC."),
     seed: int = typer.Option(0, "--seed", help="Seed for thinning draws and replicated data."),
+    cwres: bool = typer.Option(
+        True, "--cwres/--no-cwres", help="Compute CWRES (FOCE linearisation; ~30 s of compilation)."
+    ),
 ) -> None:
     """Write one self-contained HTML report (tables, diagnostics, GOF, VPC, individual fits).
 
@@ -828,7 +834,7 @@ def report_cmd(
     try:
         report_path(fit, out)  # checks the output rule before the work
         with _warnings_table(), _step(console, f"writing the report (predictions from {n_draws} draws)"):
-            path = write_report(fit, out, n_draws=n_draws, seed=seed)
+            path = write_report(fit, out, n_draws=n_draws, seed=seed, cwres=cwres)
     except OutputRefused as exc:
         raise _fail(str(exc), 1) from None
     except OSError as exc:

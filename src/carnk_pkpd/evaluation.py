@@ -44,9 +44,8 @@ censors observed values (``blq`` = simulated value < the record's LLOQ).
   mean and covariance of the same replicates (all DVIDs of the subject in one block, CAR-NK on the
   log scale, B cells on the natural scale) and ``Cov^{-1/2}`` the symmetric inverse square root, so
   the subject's residuals are decorrelated. Unlike NPDE it is a moment-based (not rank-based)
-  residual and is undefined for BLQ records (NaN). It is not ``CWRES``: CWRES is the FOCE
-  linearisation (Hooker et al. 2007, Pharm Res 24:2187) around the conditional η, which this
-  package does not compute.
+  residual and is undefined for BLQ records (NaN). It is not ``CWRES``, the FOCE linearisation
+  around the conditional η (Hooker et al. 2007), which :mod:`carnk_pkpd.cwres` computes.
 * :func:`npde_tests` — mean 0 (t-test), variance 1 (Fisher's χ² variance test), normality
   (Shapiro–Wilk) per DVID and a Bonferroni global p, as the R package npde reports.
 
@@ -74,6 +73,7 @@ __all__ = [
     "population_prediction",
     "replicates_dataset",
     "simulate_replicates",
+    "symmetric_inverse_sqrt",
     "vpc_table",
 ]
 
@@ -398,7 +398,7 @@ def npde(reps: xr.Dataset, seed: int = 0) -> pd.DataFrame:
     )
 
 
-def _inverse_sqrt(cov: np.ndarray) -> np.ndarray:
+def symmetric_inverse_sqrt(cov: np.ndarray) -> np.ndarray:
     """Symmetric inverse square root of a covariance matrix; eigenvalues below 1e-10 of the largest
     (directions the replicates do not vary in) are left out (their residual component is set to 0)."""
     lam, vec = np.linalg.eigh(cov)
@@ -438,7 +438,7 @@ def ewres(reps: xr.Dataset) -> np.ndarray:
         obs = np.where(lg, np.log(np.where(lg, dv[sel], 1.0)), dv[sel])
         mean = ysim.mean(axis=0)
         cov = np.atleast_2d(np.cov(ysim, rowvar=False))
-        out[sel] = _inverse_sqrt(cov) @ (obs - mean)
+        out[sel] = symmetric_inverse_sqrt(cov) @ (obs - mean)
     return out
 
 

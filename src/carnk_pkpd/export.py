@@ -442,7 +442,11 @@ def cotab(fit: Any) -> pd.DataFrame:
 
 
 SDTAB_COLUMNS = ["ID", "TIME", "EVID", "MDV", "AMT", "DVID", "DV", "BLQ", "LLOQ", "PRED", "IPRED", "EPRED",
-                 "IWRES", "EWRES", "NPDE"]  # fmt: skip
+                 "CWRES", "IWRES", "EWRES", "NPDE"]  # fmt: skip
+
+
+def _sampler_accuracy(fit: Any) -> str:
+    return str((fit.manifest or {}).get("sampler", {}).get("accuracy", "default"))
 
 
 def _residual_sd_median(fit: Any, post: xr.Dataset, name: str, fixed: float) -> float:
@@ -492,15 +496,21 @@ def sdtab(
     ppc: xr.Dataset | None = None,
     npde_replicates: int = 500,
     replicates: xr.Dataset | None = None,
+    cwres: bool = True,
 ) -> pd.DataFrame:
     """NONMEM sdtab-like table in the cohort's record order: the fitted concentration records (EVID 0)
     and the dosing and lymphodepletion records (EVID 1, 2; MDV 1, no predictions).
 
     Columns ``ID, TIME`` (days), ``EVID, MDV, AMT`` (10^9 cells), ``DVID, DV, BLQ, LLOQ`` (record
     units), ``PRED`` (typical-value prediction, eta = 0, posterior-median parameters), ``IPRED``
-    (posterior median of the individual prediction), ``EPRED``, ``IWRES`` (individual weighted
-    residual, see the module docstring; empty for BLQ records), ``EWRES``, ``NPDE`` and ``ETA1``…
-    ``ETAn``.
+    (posterior median of the individual prediction), ``EPRED``, ``CWRES``, ``IWRES`` (individual
+    weighted residual, see the module docstring; empty for BLQ records), ``EWRES``, ``NPDE`` and
+    ``ETA1``… ``ETAn``.
+
+    ``CWRES`` are NONMEM's conditional weighted residuals (Hooker et al. 2007): the FOCE
+    linearisation around each subject's conditional mode of η at the posterior-median THETA, OMEGA
+    and SIGMA (:func:`carnk_pkpd.cwres.conditional_weighted_residuals`; empty for BLQ records;
+    ``cwres=False`` leaves the column empty and skips its ~30 s of compilation).
 
     ``EPRED``, ``EWRES`` and ``NPDE`` come from one set of ``npde_replicates`` replicates of NEW
     subjects at the observed design (:func:`carnk_pkpd.evaluation.simulate_replicates`, or the given
@@ -508,10 +518,7 @@ def sdtab(
     included, uncensored); ``EWRES`` NONMEM's Monte Carlo weighted residual
     ``Cov^{-1/2}(y − E[y])`` over each subject's quantified records
     (:func:`carnk_pkpd.evaluation.ewres`; CAR-NK on the log scale; empty for BLQ records);
-    ``NPDE`` the decorrelated NPDE (:func:`carnk_pkpd.evaluation.npde`). There is no ``CWRES``
-    column: CWRES is NONMEM's FOCE linearisation around the conditional η (Hooker et al. 2007),
-    which this package does not compute; EWRES is the simulation-based population residual in
-    its place. ``ETAj`` is the posterior mean of subject i's log-scale deviation
+    ``NPDE`` the decorrelated NPDE (:func:`carnk_pkpd.evaluation.npde`). ``ETAj`` is the posterior mean of subject i's log-scale deviation
     ``omega_p·eta_p,i`` of the j-th BSV parameter (the OMEGA(j,j) order); which parameter each ETA is
     is in ``attrs["comments"]`` (written as a header comment) and ``attrs["eta_names"]``.
     Clinical records (DVID 10–12) and observations without a DV are not part of the fit and are left out.
@@ -531,6 +538,12 @@ def sdtab(
     obs["EPRED"] = reps["y"].values.mean(axis=0)
     obs["EWRES"] = ewres(reps)
     obs["NPDE"] = npde(reps, seed)["npde"].to_numpy()
+    obs["CWRES"] = np.nan
+    if cwres:
+        from carnk_pkpd.cwres import conditional_weighted_residuals
+
+        modes = conditional_weighted_residuals(fit, accuracy=_sampler_accuracy(fit))
+        obs["CWRES"] = modes.cwres
     obs["EVID"], obs["MDV"], obs["AMT"] = 0, 0, 0.0
 
     full = fit.cohort.to_dataframe()
@@ -560,7 +573,9 @@ def sdtab(
         "ETA columns (posterior mean of omega_p*eta_p,i, log scale): "
         + (", ".join(f"ETA{j}={p}" for j, p in enumerate(eta_names, start=1)) or "none"),
         f"EPRED, EWRES, NPDE: {int(reps.sizes['replicate'])} replicates of new subjects at the observed "
-        "design; EWRES = Cov^-1/2 (y - E[y]) per subject (Monte Carlo weighted residual; no CWRES)",
+        "design; EWRES = Cov^-1/2 (y - E[y]) per subject (Monte Carlo weighted residual)",
+        "CWRES: FOCE linearisation around the conditional mode of eta at the posterior-median "
+        "THETA/OMEGA/SIGMA (Hooker et al. 2007)" + ("" if cwres else "; not computed (cwres=False)"),
     ]
     return merged
 
@@ -624,7 +639,13 @@ def export_folder(fit: Any, out: str | os.PathLike | None = None) -> Path:
 
 
 def write_export(
-    fit: Any, fmt: str, out: str | os.PathLike | None = None, *, n_draws: int = 200, seed: int = 0
+    fit: Any,
+    fmt: str,
+    out: str | os.PathLike | None = None,
+    *,
+    n_draws: int = 200,
+    seed: int = 0,
+    cwres: bool = True,
 ) -> list[Path]:
     """Write the fit's tables (or, for ``nc``, posterior and posterior predictive) in format ``fmt``.
 
@@ -633,7 +654,7 @@ def write_export(
     export files are replaced (never a fit's own files), else :class:`~carnk_pkpd.errors.OutputRefused`
     is raised before any work. Files are written to a temporary folder, then moved into place with
     ``os.replace``. Every file carries provenance (SYNTHETIC marker, package version, fit hash).
-    Returns the written paths.
+    ``cwres=False`` leaves the sdtab's CWRES column empty (see :func:`sdtab`). Returns the written paths.
     """
     from carnk_pkpd.atomic import check_output_files, output_files
     from carnk_pkpd.provenance import provenance, provenance_lines, write_csv
@@ -649,7 +670,7 @@ def write_export(
 
     ppc = posterior_predictive(fit, n_draws, seed)
     if fmt != "nc":
-        sd = sdtab(fit, n_draws, seed, ppc=ppc)
+        sd = sdtab(fit, n_draws, seed, ppc=ppc, cwres=cwres)
         tables = {
             "parameters": parameter_table(fit, sdtab_df=sd),
             "subjects": subject_table(fit, min(n_draws, 50), seed),
@@ -682,7 +703,7 @@ def write_export(
                 "synthetic": fit.synthetic,
                 "note": note + "OMEGA and SIGMA as variances (SD in 'stdev', CV% in 'cv_pct'); "
                 "η-shrinkage = 1 − SD(E[ω·η_i])/E[ω]; ε-shrinkage = 1 − SD(IWRES); "
-                "EWRES = Monte Carlo weighted residual Cov^-1/2 (y − E[y]) per subject (no CWRES).",
+                "EWRES = Monte Carlo weighted residual Cov^-1/2 (y − E[y]) per subject; CWRES = FOCE conditional weighted residuals (Hooker et al. 2007).",
                 "provenance": prov,
                 "diagnostics": fit.diagnostics.to_dict() if fit.diagnostics is not None else None,
                 "manifest": fit.manifest,

@@ -100,13 +100,13 @@ def _smooth_line(ax: Any, x: np.ndarray, y: np.ndarray, log_x: bool, log_y: bool
 
 def gof(sd: pd.DataFrame, synthetic: bool = False) -> Figure:
     """Goodness of fit, one row per DVID (its own axes and unit): DV vs PRED, DV vs IPRED (log axes,
-    identity dashed), EWRES vs time and IWRES vs IPRED, each with a LOWESS smoother (red).
+    identity dashed), EWRES and CWRES vs time and IWRES vs IPRED, each with a LOWESS smoother (red).
 
     ``sd``: the observation rows of :func:`carnk_pkpd.export.sdtab`. BLQ records are left out of the
     DV panels and have no residuals.
     """
     dvids = sorted(int(d) for d in sd["DVID"].unique())
-    fig, axes = plt.subplots(len(dvids), 4, figsize=(16, 3.9 * len(dvids)), squeeze=False)
+    fig, axes = plt.subplots(len(dvids), 5, figsize=(20, 3.9 * len(dvids)), squeeze=False)
     smooth = dict(color="tab:red", lw=1.8, label="LOWESS")
     for row, dvid in enumerate(dvids):
         g = sd[(sd["DVID"] == dvid) & (sd["BLQ"] == 0)]
@@ -128,10 +128,10 @@ def gof(sd: pd.DataFrame, synthetic: bool = False) -> Figure:
             a.set_title(_title(f"DVID {dvid}: DV vs {col}", synthetic), fontsize=9)
             a.legend(fontsize=7)
         for k, (xcol, ycol, log_x) in enumerate(
-            (("TIME", "EWRES", False), ("IPRED", "IWRES", True)), start=2
+            (("TIME", "EWRES", False), ("TIME", "CWRES", False), ("IPRED", "IWRES", True)), start=2
         ):
             a = axes[row, k]
-            if ycol not in g:
+            if ycol not in g or not np.isfinite(g[ycol].to_numpy(float)).any():
                 a.set_visible(False)
                 continue
             x, y = g[xcol].to_numpy(float), g[ycol].to_numpy(float)

@@ -173,6 +173,7 @@ def render_report(
     seed: int = 0,
     n_replicates: int = 500,
     subjects_per_page: int = SUBJECTS_PER_PAGE,
+    cwres: bool = True,
 ) -> str:
     """The report as an HTML string (see the module docstring for its sections).
 
@@ -191,7 +192,7 @@ def render_report(
     folder = Path(fit.path) if fit.path is not None else None
     ppc = posterior_predictive(fit, n_draws, seed)
     reps = simulate_replicates(fit, n_replicates, seed)
-    sd_all = sdtab(fit, n_draws, seed, ppc=ppc, replicates=reps)
+    sd_all = sdtab(fit, n_draws, seed, ppc=ppc, replicates=reps, cwres=cwres)
     par = parameter_table(fit, sdtab_df=sd_all)
     sd = sd_all[sd_all["EVID"] == 0]
     nd = npde(reps, seed)
@@ -250,7 +251,9 @@ def render_report(
         text("One row per observation type, each on its own axes and unit. PRED: typical-value prediction "
              "(η = 0, posterior-median parameters); IPRED: posterior median of the individual prediction; "
              "EWRES: Monte Carlo population weighted residual Cov^-1/2(y − E[y]) per subject from the "
-             "replicates of new subjects (NONMEM's EWRES; no CWRES, which is a FOCE linearisation); "
+             "replicates of new subjects (NONMEM's EWRES); CWRES: NONMEM's conditional weighted residual, the FOCE "
+             "linearisation around each subject's conditional mode of η at the posterior-median THETA/OMEGA/SIGMA "
+             "(Hooker et al. 2007; an approximation where the model is far from linear in η); "
              "IWRES: individual weighted residual. Red: LOWESS smoother. BLQ records are left out."),
         image(plots.gof(sd, syn), "goodness of fit"))  # fmt: skip
     add("npde", "NPDE",
@@ -341,13 +344,14 @@ def write_report(
     n_draws: int = 100,
     seed: int = 0,
     n_replicates: int = 500,
+    cwres: bool = True,
 ) -> Path:
     """Render the report and write it atomically to ``out`` (default ``<fit>/report.html``); the output
     rule of :mod:`carnk_pkpd.atomic` applies (see :func:`report_path`)."""
     from carnk_pkpd.atomic import output_files
 
     dest = report_path(fit, out)
-    text = render_report(fit, n_draws, seed, n_replicates)
+    text = render_report(fit, n_draws, seed, n_replicates, cwres=cwres)
     with output_files(dest.parent, command="report") as tmp:
         (tmp / dest.name).write_text(text, encoding="utf-8")
     return dest
