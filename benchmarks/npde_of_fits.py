@@ -1,8 +1,9 @@
-"""NPDE and EWRES of saved fits: mean and variance per DVID (figures for the closing note, not a test).
+"""NPDE, EWRES and CWRES of saved fits: mean and variance per DVID (figures for the closing note, not a test).
 
 For each fit folder: ``--replicates`` replicates of NEW subjects at the fit's own design
 (:func:`carnk_pkpd.evaluation.simulate_replicates`), then :func:`~carnk_pkpd.evaluation.npde` with
-:func:`~carnk_pkpd.evaluation.npde_tests` and :func:`~carnk_pkpd.evaluation.ewres`. A fit of a
+:func:`~carnk_pkpd.evaluation.npde_tests`, :func:`~carnk_pkpd.evaluation.ewres` and
+:func:`~carnk_pkpd.cwres.conditional_weighted_residuals` (same record order as the replicates). A fit of a
 cohort simulated from its own model should give NPDE ~ N(0, 1) per DVID (|mean| ≤ 0.15, variance
 0.8–1.25 for 20 subjects); a misspecified one (e.g. the Stein structure fitted to a reference-model
 cohort) should not. Every cohort used here is SYNTHETIC.
@@ -26,6 +27,7 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args()
 
+    from carnk_pkpd.cwres import conditional_weighted_residuals
     from carnk_pkpd.evaluation import ewres, npde, npde_tests, simulate_replicates
     from carnk_pkpd.fits import load_fit
 
@@ -43,11 +45,18 @@ def main() -> None:
               f"{time.perf_counter() - t0:.0f} s; fit: {d.n_chains} chains x {d.n_draws} draws, "
               f"max R-hat {d.max_r_hat:.3f}, divergences {d.divergences}")  # fmt: skip
         print(tests.to_string(index=False, float_format=lambda v: f"{v:.3g}"))
+        t1 = time.perf_counter()
+        cw = conditional_weighted_residuals(
+            fit, accuracy=fit.manifest.get("sampler", {}).get("accuracy", "default")
+        )
+        print(f"  CWRES: conditional modes converged {cw.converged} (max |gradient| {cw.max_gradient:.1e}), "
+              f"{time.perf_counter() - t1:.0f} s")  # fmt: skip
         for dvid in sorted(set(reps["DVID"].values.tolist())):
-            e = ew[(reps["DVID"].values == dvid) & np.isfinite(ew)]
-            print(
-                f"  EWRES DVID {dvid}: n {e.size}, mean {np.mean(e):+.3f}, variance {np.var(e, ddof=1):.3f}"
-            )
+            for name, r in (("EWRES", ew), ("CWRES", cw.cwres)):
+                e = r[(reps["DVID"].values == dvid) & np.isfinite(r)]
+                print(
+                    f"  {name} DVID {dvid}: n {e.size}, mean {np.mean(e):+.3f}, variance {np.var(e, ddof=1):.3f}"
+                )
 
 
 if __name__ == "__main__":
