@@ -25,12 +25,18 @@ the final estimates the same way). Dimensionless.
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 
 __all__ = ["ConditionalModes", "conditional_weighted_residuals", "linearized_residuals"]
+
+#: The mode search is bounded to ±ETA_BOUND·ω per eta (log scale).
+ETA_BOUND = 6.0
+#: Largest absolute gradient of −log p(y|η)p(η) accepted at a mode (the objective is O(records)).
+GRADIENT_TOL = 1e-2
 
 
 @dataclass(frozen=True)
@@ -39,8 +45,9 @@ class ConditionalModes:
 
     ``cwres`` (record,) in the order of :func:`carnk_pkpd.statistical.observation_data` (NaN for BLQ
     records); ``eta`` (subject, eta) the conditional modes (log scale) of the parameters ``eta_names``;
-    ``omega`` their SDs (log scale) used; ``converged`` whether L-BFGS met its tolerance, with the
-    largest absolute gradient of the objective (−log posterior of η) at the mode.
+    ``omega`` their SDs (log scale) used; ``converged``: the largest absolute gradient of the
+    objective (−log posterior of η) at the mode, ``max_gradient``, is below ``GRADIENT_TOL`` and no η
+    sits at its bound (±``ETA_BOUND``·ω); otherwise a RuntimeWarning says so.
     """
 
     cwres: np.ndarray
@@ -226,12 +233,32 @@ def conditional_weighted_residuals(
             for j, p in enumerate(eta_names):
                 if p in pop.eta_z:
                     eta_start[:, j] = np.mean(pop.omega[p][:, None] * pop.eta_z[p], axis=0)
-    x0 = np.asarray(eta_start, float).reshape(-1)
-    res = minimize(
-        fun, x0, jac=True, method="L-BFGS-B", options={"maxiter": 5000, "gtol": 1e-6, "ftol": 1e-15}
-    )
+    # the search stays within ±ETA_BOUND·ω (beyond it the solver can overflow; a mode there is flagged)
+    bound = np.tile(ETA_BOUND * omega, n_subj)
+    x0 = np.clip(np.asarray(eta_start, float).reshape(-1), -bound, bound)
+    with np.errstate(invalid="ignore", divide="ignore", over="ignore"):
+        res = minimize(
+            fun,
+            x0,
+            jac=True,
+            method="L-BFGS-B",
+            bounds=list(zip(-bound, bound, strict=True)),
+            options={"maxiter": 5000, "gtol": 1e-6, "ftol": 1e-15},
+        )
+        max_grad = float(np.max(np.abs(fun(res.x)[1]), initial=0.0))
     eta_hat = res.x.reshape(n_subj, n_eta)
-    max_grad = float(np.max(np.abs(fun(res.x)[1]), initial=0.0))
+    at_bound = np.isclose(np.abs(res.x), bound)
+    converged = bool(
+        np.isfinite(res.fun) and np.isfinite(max_grad) and max_grad < GRADIENT_TOL and not at_bound.any()
+    )
+    if not converged:
+        warnings.warn(
+            f"CWRES: the conditional modes of eta did not converge (max |gradient| {max_grad:.2g}, "
+            f"{int(at_bound.sum())} eta at ±{ETA_BOUND:g} omega; L-BFGS: {res.message}); "
+            "the CWRES are approximate",
+            RuntimeWarning,
+            stacklevel=2,
+        )
 
     f_hat, sd_hat, jac, _ = evaluate(eta_hat)
 
@@ -246,6 +273,6 @@ def conditional_weighted_residuals(
         eta=eta_hat,
         eta_names=eta_names,
         omega=omega,
-        converged=bool(res.success),
+        converged=converged,
         max_gradient=max_grad,
     )
