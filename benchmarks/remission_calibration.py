@@ -1,7 +1,7 @@
 """Benchmark: coverage of the remission predictions on SYNTHETIC cohorts with a known link.
 
 Run:  PYTHONPATH=src .venv/bin/python benchmarks/remission_calibration.py [--cohorts 20] [--subjects 20]
-          [--seed0 100] [--draws 100 --tune 150 --chains 2] [--out remission_calibration.csv]
+          [--seed0 100] [--draws 300 --tune 300 --chains 2] [--out remission_calibration.csv]
       PYTHONPATH=src .venv/bin/python benchmarks/remission_calibration.py --summarize remission_calibration.csv
 
 Each cohort is simulated by :func:`carnk_pkpd.cohortsim.simulate_cohort` from the reference model
@@ -92,8 +92,10 @@ def one_cohort(i: int, args: argparse.Namespace, truth: pd.DataFrame) -> list[di
         if kept is not None:
             f = load_fit(save_fit(f, kept))
         stage1_s = time.perf_counter() - t0
+    d1 = f.diagnostics
+    stage1 = f"stage-1 check {'ok' if d1.ok else 'FAIL'} (min bulk ESS {d1.min_ess_bulk:.0f}, divergences {d1.divergences})"
     if args.stage1_only:
-        print(f"cohort {i} (seed {seed}): stage 1 {stage1_s:.0f} s (kept in {kept})", flush=True)
+        print(f"cohort {i} (seed {seed}): stage 1 {stage1_s:.0f} s, {stage1} (kept in {kept})", flush=True)
         return []
     t1 = time.perf_counter()
     post = remission_source(f, seed=seed)
@@ -103,7 +105,8 @@ def one_cohort(i: int, args: argparse.Namespace, truth: pd.DataFrame) -> list[di
     ok = bool(pooled["ok"].all())
     share1 = float(pooled.loc["theta1", "between_share"])
     print(
-        f"cohort {i} (seed {seed}): stage 1 {stage1_s:.0f} s, stage 2 {t2 - t1:.0f} s; {diagnostics_line(post)}",
+        f"cohort {i} (seed {seed}): stage 1 {stage1_s:.0f} s, {stage1}; stage 2 {t2 - t1:.0f} s; "
+        f"{diagnostics_line(post)}",
         flush=True,
     )
     rows = []
@@ -130,6 +133,8 @@ def one_cohort(i: int, args: argparse.Namespace, truth: pd.DataFrame) -> list[di
                         covered=bool(q[0] <= tr <= q[2]),
                         stage1_s=stage1_s,
                         stage2_s=t2 - t1,
+                        stage1_ok=bool(d1.ok),
+                        stage1_min_ess_bulk=float(d1.min_ess_bulk),
                         stage2_ok=ok,
                         between_share_theta0_lldas=float(pooled.loc["theta0_lldas", "between_share"]),
                         between_share_theta1=share1,
@@ -161,6 +166,16 @@ def summarize(df: pd.DataFrame) -> str:
         f"{df.groupby('cohort')['stage2_s'].first().median():.0f} s per cohort (median; shared machine); "
         f"stage-2 diagnostics ok in {df.groupby('cohort')['stage2_ok'].first().mean():.2f} of cohorts"
     )
+    if "stage1_ok" in df:
+        ok1 = df.groupby("cohort")["stage1_ok"].first()
+        lines.append(
+            f"stage-1 diagnostics ok in {int(ok1.sum())} of {ok1.size} cohorts"
+            + (
+                f"; coverage over those: {df[df['stage1_ok'].astype(bool)]['covered'].mean():.3f}"
+                if ok1.any()
+                else ""
+            )
+        )
     if "between_share_theta1" in df:
         first = df.groupby("cohort").first()
         lines.append(
@@ -182,8 +197,8 @@ def main() -> None:
     )
     ap.add_argument("--subjects", type=int, default=20)
     ap.add_argument("--seed0", type=int, default=100)
-    ap.add_argument("--draws", type=int, default=100)
-    ap.add_argument("--tune", type=int, default=150)
+    ap.add_argument("--draws", type=int, default=300)
+    ap.add_argument("--tune", type=int, default=300)
     ap.add_argument("--chains", type=int, default=2)
     ap.add_argument("--truth-n", type=int, default=2000)
     ap.add_argument("--out", default="remission_calibration.csv")
