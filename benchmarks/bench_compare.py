@@ -27,6 +27,14 @@ reference -1053.1 (SE 42.3); stein -1094.1, elpd_diff -41.0 (dse 8.1); reference
 elpd_diff -2.3 (dse 1.8). 75 of 531 records have Pareto k > 0.64 (leave-one-record-out in a model
 with per-subject random effects). Wall per fit 829-2335 s under that load; one chain of
 reference_dose_cov needed > 41 CPU-minutes (stopped).
+
+dl cohort, same settings (session 6): reference 0 divergences, max R-hat 1.019, min bulk ESS 47,
+elpd_loo -1173.1 (SE 46.2). reference_dl FAILED to sample: 5864 s, 1,088,106 gradients (tree depth
+10 in nearly every draw), 18 divergences, max R-hat 2.733, min bulk ESS 2; both chains stood still
+in different places (omega_f_bl 0.04 in one, 2.69 in the other; within-chain SD of f_bl 0.0004), far
+from the simulated f_bl by level (0.02, 0.02, 0.05, 0.01). Its elpd (-13199.4) is an artefact of the
+failed fit, not evidence about the tier: no valid dl comparison yet. Next to try: the fit without
+the warm start (``warm_start=False``), since both chains started from the Laplace-whitened mode.
 """
 
 from __future__ import annotations
