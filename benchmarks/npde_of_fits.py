@@ -46,9 +46,7 @@ def main() -> None:
               f"max R-hat {d.max_r_hat:.3f}, divergences {d.divergences}")  # fmt: skip
         print(tests.to_string(index=False, float_format=lambda v: f"{v:.3g}"))
         t1 = time.perf_counter()
-        cw = conditional_weighted_residuals(
-            fit, accuracy=fit.manifest.get("sampler", {}).get("accuracy", "default")
-        )
+        cw = conditional_weighted_residuals(fit)
         print(f"  CWRES: conditional modes converged {cw.converged} (max |gradient| {cw.max_gradient:.1e}), "
               f"{time.perf_counter() - t1:.0f} s")  # fmt: skip
         for dvid in sorted(set(reps["DVID"].values.tolist())):

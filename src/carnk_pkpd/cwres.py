@@ -100,22 +100,24 @@ def conditional_weighted_residuals(
     source: Any,
     cohort: Any | None = None,
     *,
-    accuracy: str = "default",
+    accuracy: str | None = None,
     eta_start: np.ndarray | None = None,
 ) -> ConditionalModes:
     """CWRES of every concentration record of ``cohort`` (module docstring).
 
     ``source`` is a fit (posterior medians; ``cohort`` defaults to the fit's) or a model (spec, name
-    or path: its typical values, BSV SDs and residual SDs). ``eta_start`` (subject, eta) starts the
-    mode search (default 0). Records in :func:`carnk_pkpd.statistical.observation_data` order.
+    or path: its typical values, BSV SDs and residual SDs). ``accuracy``: the solver's (default: the
+    fit's own, :func:`carnk_pkpd.evaluation.solver_accuracy`). ``eta_start`` (subject, eta) starts
+    the mode search (default: a fit's posterior mean of each subject's eta, else 0). Records in :func:`carnk_pkpd.statistical.observation_data` order.
     """
     import jax
     import jax.numpy as jnp
     from scipy.optimize import minimize
     from scipy.special import log_ndtr
 
-    from carnk_pkpd.statistical import CAR_DVIDS, CAR_FLOOR
-    from carnk_pkpd.structural.solve import make_grid, solve
+    from carnk_pkpd.evaluation import solver_accuracy
+    from carnk_pkpd.statistical import CAR_DVIDS, CAR_FLOOR, solver_grid
+    from carnk_pkpd.structural.solve import solve
 
     if cohort is None:
         if not hasattr(source, "cohort"):
@@ -124,18 +126,7 @@ def conditional_weighted_residuals(
     pop, design, log_pop, eta_names, omega, residual = _population_point(source, cohort)
     spec, data = pop.spec, design.records
     n_subj, n_eta = design.n_subjects, len(eta_names)
-    from carnk_pkpd.population import solver_rate_bounds
-
-    k_tr_max, k_kill_max = solver_rate_bounds(spec)
-    grid = make_grid(
-        list(design.doses),
-        data.times,
-        accuracy,
-        k_tr=k_tr_max,
-        k_kill=k_kill_max,
-        bucket=1,
-        ld=design.ld(spec),
-    )
+    grid = solver_grid(spec, data, accuracy or solver_accuracy(source))
     n_out = grid.times.shape[1]
     flat = jnp.asarray(data.subject_index * n_out + data.time_index)
     is_car = jnp.asarray(np.isin(data.dvid, CAR_DVIDS))
@@ -204,10 +195,9 @@ def conditional_weighted_residuals(
 
     w_omega = 1.0 / omega**2
 
-    def fun(x: np.ndarray) -> tuple[float, np.ndarray]:
-        """−log p(y | η) p(η | Ω) (constants dropped) and its gradient, all subjects at once."""
-        eta = x.reshape(n_subj, n_eta)
-        f, sd, df, dsd = evaluate(eta)
+    def objective(eta: np.ndarray, f, sd, df, dsd) -> tuple[float, np.ndarray]:
+        """−log p(y | η) p(η | Ω) (constants dropped) and its gradient, all subjects at once, from
+        the values and derivatives :func:`evaluate` gave at ``eta`` (subject, eta)."""
         value = 0.5 * float(np.sum(eta**2 * w_omega))
         grad_rec = np.zeros((n_rec, n_eta))
         q, c = quant, blq
@@ -225,6 +215,10 @@ def conditional_weighted_residuals(
         np.add.at(grad, data.subject_index, grad_rec)
         grad += eta * w_omega
         return value, grad.reshape(-1)
+
+    def fun(x: np.ndarray) -> tuple[float, np.ndarray]:
+        eta = x.reshape(n_subj, n_eta)
+        return objective(eta, *evaluate(eta))
 
     if eta_start is None:
         # a fit's posterior mean of each fitted subject's eta starts the search near the mode
@@ -245,8 +239,9 @@ def conditional_weighted_residuals(
             bounds=list(zip(-bound, bound, strict=True)),
             options={"maxiter": 5000, "gtol": 1e-6, "ftol": 1e-15},
         )
-        max_grad = float(np.max(np.abs(fun(res.x)[1]), initial=0.0))
-    eta_hat = res.x.reshape(n_subj, n_eta)
+        eta_hat = res.x.reshape(n_subj, n_eta)
+        f_hat, sd_hat, jac, dsd_hat = evaluate(eta_hat)
+        max_grad = float(np.max(np.abs(objective(eta_hat, f_hat, sd_hat, jac, dsd_hat)[1]), initial=0.0))
     at_bound = np.isclose(np.abs(res.x), bound)
     converged = bool(
         np.isfinite(res.fun) and np.isfinite(max_grad) and max_grad < GRADIENT_TOL and not at_bound.any()
@@ -259,8 +254,6 @@ def conditional_weighted_residuals(
             RuntimeWarning,
             stacklevel=2,
         )
-
-    f_hat, sd_hat, jac, _ = evaluate(eta_hat)
 
     out = np.full(n_rec, np.nan)
     for s in range(n_subj):

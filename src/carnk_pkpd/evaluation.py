@@ -73,6 +73,7 @@ __all__ = [
     "population_prediction",
     "replicates_dataset",
     "simulate_replicates",
+    "solver_accuracy",
     "symmetric_inverse_sqrt",
     "vpc_table",
 ]
@@ -84,7 +85,9 @@ def _is_fit(source: Any) -> bool:
     return hasattr(source, "posterior") and hasattr(source, "cohort")
 
 
-def _accuracy(source: Any) -> str:
+def solver_accuracy(source: Any) -> str:
+    """The solver accuracy a fit sampled with (its manifest's ``sampler.accuracy``); ``"default"`` for
+    a model or a fit without one. Predictions for a fit use it so they solve as its likelihood did."""
     if _is_fit(source):
         return str((source.manifest or {}).get("sampler", {}).get("accuracy", "default"))
     return "default"
@@ -109,7 +112,7 @@ def population_prediction(source: Any, cohort: Any, *, accuracy: str | None = No
     )
     from carnk_pkpd.structural import simulate
 
-    acc = accuracy or _accuracy(source)
+    acc = accuracy or solver_accuracy(source)
     pop = population_from(source)
     design = SubjectDesign.from_cohort(cohort, pop.spec)
     zero = {name: np.zeros((pop.n_draws, design.n_subjects)) for name in pop.names}
@@ -207,7 +210,7 @@ def simulate_replicates(
         if not _is_fit(source):
             raise ValueError("a model source needs the observed cohort (cohort=...)")
         cohort = source.cohort
-    acc = accuracy or _accuracy(source)
+    acc = accuracy or solver_accuracy(source)
     parts: list[xr.Dataset] = []
     got, k = 0, 0
     while got < n_replicates:

@@ -445,10 +445,6 @@ SDTAB_COLUMNS = ["ID", "TIME", "EVID", "MDV", "AMT", "DVID", "DV", "BLQ", "LLOQ"
                  "CWRES", "IWRES", "EWRES", "NPDE"]  # fmt: skip
 
 
-def _sampler_accuracy(fit: Any) -> str:
-    return str((fit.manifest or {}).get("sampler", {}).get("accuracy", "default"))
-
-
 def _residual_sd_median(fit: Any, post: xr.Dataset, name: str, fixed: float) -> float:
     return float(post[name].median()) if name in post else float(fixed)
 
@@ -518,8 +514,8 @@ def sdtab(
     included, uncensored); ``EWRES`` NONMEM's Monte Carlo weighted residual
     ``Cov^{-1/2}(y − E[y])`` over each subject's quantified records
     (:func:`carnk_pkpd.evaluation.ewres`; CAR-NK on the log scale; empty for BLQ records);
-    ``NPDE`` the decorrelated NPDE (:func:`carnk_pkpd.evaluation.npde`). ``ETAj`` is the posterior mean of subject i's log-scale deviation
-    ``omega_p·eta_p,i`` of the j-th BSV parameter (the OMEGA(j,j) order); which parameter each ETA is
+    ``NPDE`` the decorrelated NPDE (:func:`carnk_pkpd.evaluation.npde`). ``ETAj`` is the posterior
+    mean of subject i's log-scale deviation ``omega_p·eta_p,i`` of the j-th BSV parameter (the OMEGA(j,j) order); which parameter each ETA is
     is in ``attrs["comments"]`` (written as a header comment) and ``attrs["eta_names"]``.
     Clinical records (DVID 10–12) and observations without a DV are not part of the fit and are left out.
     """
@@ -542,7 +538,7 @@ def sdtab(
     if cwres:
         from carnk_pkpd.cwres import conditional_weighted_residuals
 
-        modes = conditional_weighted_residuals(fit, accuracy=_sampler_accuracy(fit))
+        modes = conditional_weighted_residuals(fit)
         obs["CWRES"] = modes.cwres
     obs["EVID"], obs["MDV"], obs["AMT"] = 0, 0, 0.0
 

@@ -188,17 +188,15 @@ def ld_window(data: ObservationData, spec: ModelSpec) -> dict[str, np.ndarray]:
     return ld_window_from_times(data.ld_times, spec)
 
 
-def build_model(spec: ModelSpec, data: ObservationData, *, accuracy: str = "default") -> pm.Model:
-    """The PyMC model of ``spec`` for the records in ``data`` (see the module docstring)."""
-    from pytensor.link.jax.ops import wrap_jax
-
+def solver_grid(spec: ModelSpec, data: ObservationData, accuracy: str = "default") -> Any:
+    """The solver grid of a fit of ``data``: each subject's doses, sample times and LD window, sized
+    for the fastest plausible transit and kill rates (1/day) so that one grid serves every draw.
+    The likelihood (:func:`build_model`) and CWRES (:mod:`carnk_pkpd.cwres`) solve on it."""
     from carnk_pkpd.population import solver_rate_bounds
-    from carnk_pkpd.structural.solve import make_grid, solve
+    from carnk_pkpd.structural.solve import make_grid
 
-    n_transit = int(round(spec.parameters["n_transit"].typical))
-    # the fastest plausible transit and kill rates (1/day) size the grid, which serves every draw
     k_tr_max, k_kill_max = solver_rate_bounds(spec)
-    grid = make_grid(
+    return make_grid(
         data.doses,
         data.times,
         accuracy,
@@ -207,6 +205,16 @@ def build_model(spec: ModelSpec, data: ObservationData, *, accuracy: str = "defa
         bucket=1,
         ld=ld_window(data, spec),
     )
+
+
+def build_model(spec: ModelSpec, data: ObservationData, *, accuracy: str = "default") -> pm.Model:
+    """The PyMC model of ``spec`` for the records in ``data`` (see the module docstring)."""
+    from pytensor.link.jax.ops import wrap_jax
+
+    from carnk_pkpd.structural.solve import solve
+
+    n_transit = int(round(spec.parameters["n_transit"].typical))
+    grid = solver_grid(spec, data, accuracy)
     n_out = grid.times.shape[1]
     flat = data.subject_index * n_out + data.time_index
     names = [p for p in spec.parameters if p != "n_transit"]
