@@ -187,7 +187,7 @@ def main() -> None:
         is_car.append(np.r_[np.ones(t_car.size, bool), np.zeros(t_b.size, bool)])
     n_obs = sum(t.size for t in obs_times)
     theta20 = draw_subjects(20)
-    # the grid as a fit builds it: padded only to the longest subject, padding steps skipped (compact)
+    # the grid as a fit builds it: subjects solved in groups of similar length (compact)
     grid = make_grid(
         doses, obs_times, "default", k_tr=n_transit / theta20["MTT"], k_kill=theta20["k_kmax"], bucket=1
     )

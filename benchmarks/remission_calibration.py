@@ -88,7 +88,15 @@ def one_cohort(i: int, args: argparse.Namespace, truth: pd.DataFrame) -> list[di
         stage1_s = float(f.manifest.get("timings", {}).get("wall_seconds", np.nan))
     else:
         cohort, _ = simulate_cohort("reference", n_subjects=args.subjects, seed=seed)
-        f = fit(cohort, draws=args.draws, tune=args.tune, chains=args.chains, seed=seed, progress=False)
+        f = fit(
+            cohort,
+            draws=args.draws,
+            tune=args.tune,
+            chains=args.chains,
+            cores=args.cores,
+            seed=seed,
+            progress=False,
+        )
         if kept is not None:
             f = load_fit(save_fit(f, kept))
         stage1_s = time.perf_counter() - t0
@@ -200,6 +208,12 @@ def main() -> None:
     ap.add_argument("--draws", type=int, default=300)
     ap.add_argument("--tune", type=int, default=300)
     ap.add_argument("--chains", type=int, default=2)
+    ap.add_argument(
+        "--cores",
+        type=int,
+        default=None,
+        help="stage-1 worker processes (default: one per chain, up to the CPUs)",
+    )
     ap.add_argument("--truth-n", type=int, default=2000)
     ap.add_argument("--out", default="remission_calibration.csv")
     ap.add_argument(

@@ -32,7 +32,7 @@ from reference_ode import (
 )
 
 from carnk_pkpd.structural import derived_metrics, simulate
-from carnk_pkpd.structural.solve import make_grid, solve
+from carnk_pkpd.structural.solve import length_buckets, make_grid, solve
 
 #: |package − reference| ≤ rel·|reference| + abs (cells/µL), the contract of ``simulate(accuracy=...)``.
 TOLERANCE = {"default": (1e-3, 1e-3), "tight": (1e-6, 1e-8)}
@@ -180,15 +180,18 @@ def test_fitted_weights_and_their_derivative_match_quadrature() -> None:
                 assert abs(slopes[i, j, k] - d) <= 1e-9 * scale, (z, j, k, slopes[i, j, k], d)
 
 
-def test_a_fit_grid_solved_without_its_padding_steps_gives_the_same_values_and_gradient() -> None:
+def test_a_fit_grid_solved_in_length_groups_gives_the_same_values_and_gradient() -> None:
     # subjects with 1 to 6 infusions and follow-up from 28 to 365 days: their node counts differ, so the
-    # padded layout has zero-length steps that the compact solve skips
+    # compact solve groups them by length and pads each group only to its longest member
     sets = STRESS_SETS[:12]
     params = {k: jnp.asarray([p[k] for p, _ in sets]) for k in sets[0][0] if k != "n_transit"}
     follow_up = [28.0, 56.0, 90.0, 120.0, 180.0, 365.0] * 2
     times = [np.array([d for d in SAMPLING_DAYS["bcell"] if d <= end]) for end in follow_up]
     grid = make_grid([d for _, d in sets], times, "default", k_tr=0.5, bucket=1)
     assert len({int(np.sum(np.diff(row) > 0)) for row in grid.nodes}) > 1  # padding is there to skip
+    groups = length_buckets(grid.nodes)
+    assert len(groups) > 1  # the grouped path is the one exercised
+    assert sorted(np.concatenate(groups).tolist()) == list(range(len(sets)))  # each subject once
 
     def total(theta, compact):
         return jnp.sum(jnp.log1p(solve(theta, grid, n_transit=6, compact=compact)[1]))

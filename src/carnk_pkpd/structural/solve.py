@@ -416,16 +416,13 @@ def solve_nodes(
     n_transit: int,
     sweeps: int = 2,
     structure: str = "reference",
-    steps: tuple | None = None,
     ld: Mapping[str, jnp.ndarray] | None = None,
 ):
     """B cells (cells/µL) at every node, shape ``(subject, n_nodes)``.
 
     ``theta`` maps parameter names to arrays of shape ``(subject,)`` (natural units, see
-    ``models/reference.toml``). ``nodes`` are node times (days) of shape ``(subject, n_nodes)``.
-    ``steps`` (from :func:`real_steps`) lists the steps of non-zero length; when given, the
-    state-independent coefficients are computed for those steps only and the zero-length padding
-    steps of shorter subjects share one no-op step. ``ld`` holds the per-subject lymphodepletion
+    ``models/reference.toml``). ``nodes`` are node times (days) of shape ``(subject, n_nodes)``;
+    trailing repeats of the last node are zero-length steps (no-ops). ``ld`` holds the per-subject lymphodepletion
     inputs (``carnk.LD_KEYS``, shape ``(subject,)``); None: the trial's window for every subject.
     """
     th = {k: jnp.asarray(v, dtype=jnp.float64) for k, v in theta.items()}
@@ -434,20 +431,7 @@ def solve_nodes(
     ld = trial_ld(n_sub) if ld is None else ld
     ld = {k: jnp.broadcast_to(jnp.asarray(ld[k], dtype=jnp.float64), (n_sub,)) for k in LD_KEYS}
     dose_times, dose_amounts = jnp.asarray(dose_times), jnp.asarray(dose_amounts)
-    if steps is None:
-        co = _step_coefficients(th, nodes, dose_times, dose_amounts, n_transit, structure, ld)
-    else:
-        subject, t0, t1, layout = (jnp.asarray(a) for a in steps)
-        flat = _step_coefficients(
-            {k: v[subject] for k, v in th.items()},
-            jnp.stack([t0, t1], axis=1),
-            dose_times[subject],
-            dose_amounts[subject],
-            n_transit,
-            structure,
-            {k: v[subject] for k, v in ld.items()},
-        )
-        co = {k: v[:, 0][layout] for k, v in flat.items()}
+    co = _step_coefficients(th, nodes, dose_times, dose_amounts, n_transit, structure, ld)
     k_tr = n_transit / th["MTT"]
     B0, F_max, src0 = th["B0"], th["F_max"], th["k_B"] * th["B0"]
     p_ss = src0 / k_tr
@@ -479,22 +463,57 @@ def solve_nodes(
     return jnp.concatenate([B_init[None, :], b_path], axis=0).T  # [S, n_nodes]
 
 
-def real_steps(nodes: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-    """The non-zero-length steps of a padded node array, for :func:`solve_nodes`.
+def length_buckets(nodes: np.ndarray, step_cost: float = 100.0, max_buckets: int = 6) -> list[np.ndarray]:
+    """Subjects grouped by their number of integration steps, for :func:`solve` with ``compact=True``.
 
-    Returns ``(subject, t0, t1, layout)``: per real step its subject and end points (days), then one
-    zero-length step (subject 0 at its first node, a no-op); ``layout[s, m]`` is the row of step ``m``
-    of subject ``s`` (the no-op row for padding).
+    A group is solved on its own node array, padded only to its longest member, so a subject with a
+    short follow-up does not pay for the longest one. Groups are contiguous in the step-count order and
+    chosen by dynamic programming to minimise ``Σ (subjects × longest) + step_cost × groups`` (``step_cost``
+    in subject-steps: what one more group costs in fixed overhead, measured at about 100 steps' worth
+    by ``benchmarks/bench_solver.py``). Returns subject indices per group, each sorted; deterministic.
     """
     nodes = np.asarray(nodes, float)
-    rows, cols = np.nonzero(np.diff(nodes, axis=1) > 0)
-    n_real = len(rows)
-    layout = np.full((nodes.shape[0], nodes.shape[1] - 1), n_real, dtype=np.int64)
-    layout[rows, cols] = np.arange(n_real)
-    subject = np.append(rows, 0)
-    t0 = np.append(nodes[rows, cols], nodes[0, 0])
-    t1 = np.append(nodes[rows, cols + 1], nodes[0, 0])
-    return subject, t0, t1, layout
+    n_steps = (np.diff(nodes, axis=1) > 0).sum(axis=1)
+    order = np.argsort(n_steps, kind="stable")
+    counts = n_steps[order]
+    n = len(order)
+    # best[k][j]: least cost of the first j subjects (in step order) in k groups
+    inf = float("inf")
+    best = np.full((max_buckets + 1, n + 1), inf)
+    cut = np.zeros((max_buckets + 1, n + 1), dtype=int)
+    best[0, 0] = 0.0
+    for k in range(1, max_buckets + 1):
+        for j in range(1, n + 1):
+            for i in range(k - 1, j):  # the k-th group holds subjects i..j-1, the longest is j-1
+                c = best[k - 1, i] + (j - i) * max(counts[j - 1], 1) + step_cost
+                if c < best[k, j]:
+                    best[k, j], cut[k, j] = c, i
+    k = int(np.argmin(best[:, n]))
+    groups, j = [], n
+    while k > 0:
+        i = cut[k, j]
+        groups.append(np.sort(order[i:j]))
+        j, k = i, k - 1
+    return groups[::-1]
+
+
+def _subgrid(grid: Grid, idx: np.ndarray) -> Grid:
+    """The subjects ``idx`` of ``grid``, their node array trimmed to the longest of them."""
+    nodes = grid.nodes[idx]
+    n_real = int((np.diff(nodes, axis=1) > 0).sum(axis=1).max()) + 1
+    last = np.max(grid.out_index[idx]) + 1
+    keep = max(n_real, int(last), 2)
+    ld = None if grid.ld is None else {k: np.asarray(v)[idx] for k, v in grid.ld.items()}
+    return Grid(
+        nodes[:, :keep],
+        grid.out_index[idx],
+        grid.times[idx],
+        grid.mask[idx],
+        grid.dose_times[idx],
+        grid.dose_amounts[idx],
+        grid.sweeps,
+        ld,
+    )
 
 
 def solve(
@@ -508,9 +527,22 @@ def solve(
     """CAR-NK and B cells (cells/µL) at the grid's requested times, each ``(subject, n_times)``.
 
     Pure and differentiable in ``theta`` (JAX arrays of shape ``(subject,)``). ``compact=True``
-    skips the padding steps of subjects with fewer nodes (see :func:`real_steps`): worth it when one
-    grid is solved many times (a fit); each grid then compiles once.
+    solves the subjects in groups of similar length (:func:`length_buckets`), each padded only to its
+    longest member, so that short follow-ups do not pay for long ones: worth it when one grid is
+    solved many times (a fit); the grouping is fixed by the grid, so it compiles once.
     """
+    if compact and grid.n_subjects > 1:
+        groups = length_buckets(grid.nodes)
+        if len(groups) > 1:
+            parts = []
+            for idx in groups:
+                th = {k: (v[idx] if jnp.ndim(v) == 1 else v) for k, v in theta.items()}
+                parts.append(solve(th, _subgrid(grid, idx), n_transit=n_transit, structure=structure))
+            back = np.argsort(np.concatenate(groups))
+            car = jnp.concatenate([c for c, _ in parts], axis=0)[back]
+            bcell = jnp.concatenate([b for _, b in parts], axis=0)[back]
+            return car, bcell
+        grid = _subgrid(grid, np.arange(grid.n_subjects))
     b_nodes = solve_nodes(
         theta,
         grid.nodes,
@@ -519,7 +551,6 @@ def solve(
         n_transit=n_transit,
         sweeps=grid.sweeps,
         structure=structure,
-        steps=real_steps(grid.nodes) if compact else None,
         ld=grid.ld,
     )
     bcell = jnp.take_along_axis(b_nodes, jnp.asarray(grid.out_index), axis=1)
