@@ -889,8 +889,12 @@ def diagnostics_line(post: xr.Dataset) -> str:
 
 def _visit_effect(post: xr.Dataset, day: float) -> np.ndarray:
     """``v(day)`` per draw, interpolated in log-day over the grid (flat outside); shape (draws,)."""
-    grid = post["visit_day"].values.astype(float)
-    v = post["v"].stack(s=("chain", "draw")).transpose("s", "visit_day").values
+    return _interpolated_visit_effect(post["visit_day"].values, _flat(post, "v"), day)
+
+
+def _interpolated_visit_effect(visit_days: np.ndarray, v: np.ndarray, day: float) -> np.ndarray:
+    """``v(day)`` from ``v`` of shape (draws, visit_day), interpolated in log-day (flat outside)."""
+    grid = np.asarray(visit_days, float)
     if grid.size == 1:
         return v[:, 0]
     lg, ld = np.log(grid), np.log(max(day, 1e-9))
@@ -903,6 +907,36 @@ def _flat(post: xr.Dataset, name: str) -> np.ndarray:
     return post[name].stack(s=("chain", "draw")).transpose("s", ...).values
 
 
+def _link_arrays(post: xr.Dataset) -> dict[str, Any]:
+    """The link's draws as plain arrays on one draw axis (chain-major), taken out of ``post`` once,
+    so that evaluating the link many times (the dose search) does not restack the Dataset."""
+    out: dict[str, Any] = {k: _flat(post, k) for k in ("theta0_doris", "theta0_lldas", "theta1", "v")}
+    out["sigma_u"] = _flat(post, "sigma_u") if "sigma_u" in post else None
+    out["visit_day"] = np.asarray(post["visit_day"].values, float)
+    out.update(
+        center=float(post.attrs["center"]), scale=float(post.attrs["scale"]), metric=str(post.attrs["metric"])
+    )
+    return out
+
+
+def _probabilities(
+    arr: dict[str, Any], metric: np.ndarray, day: float, u: Any = None
+) -> dict[str, np.ndarray]:
+    """The link itself, on :func:`_link_arrays`: ``σ(theta0_endpoint + theta1·(x − center)/scale + u +
+    v(day))`` per draw (leading axis)."""
+    name = arr["metric"]
+    z = (link_values({name: metric}, name) - arr["center"]) / arr["scale"]
+    nd = arr["theta1"].size
+    extra = (1,) * max(np.ndim(z) - 1, np.ndim(u) - 1 if u is not None else 0, 0)
+    b = arr["theta1"].reshape((nd, *extra))
+    v = _interpolated_visit_effect(arr["visit_day"], arr["v"], day).reshape((nd, *extra))
+    eta = b * z + v + (0.0 if u is None else u)
+    return {
+        ep: 1.0 / (1.0 + np.exp(-(arr[var].reshape((nd, *extra)) + eta)))
+        for ep, var in (("DORIS", "theta0_doris"), ("LLDAS", "theta0_lldas"))
+    }
+
+
 def link_probabilities(
     post: xr.Dataset, metric: np.ndarray, day: float, u: np.ndarray | None = None
 ) -> dict[str, np.ndarray]:
@@ -913,19 +947,7 @@ def link_probabilities(
     covariate (:func:`link_values`), shape ``(draws, ...)`` or broadcastable; ``u``: patient effect
     (log-odds) of the same shape, 0 when None (the typical patient); ``day`` in days.
     """
-    center, scale = float(post.attrs["center"]), float(post.attrs["scale"])
-    name = str(post.attrs["metric"])
-    z = (link_values({name: metric}, name) - center) / scale
-    nd = _flat(post, "theta1").size
-    extra = (1,) * max(np.ndim(z) - 1, np.ndim(u) - 1 if u is not None else 0, 0)
-    b = _flat(post, "theta1").reshape((nd, *extra))
-    v = _visit_effect(post, day).reshape((nd, *extra))
-    eta = b * z + v + (0.0 if u is None else u)
-    out = {}
-    for ep, var in (("DORIS", "theta0_doris"), ("LLDAS", "theta0_lldas")):
-        a = _flat(post, var).reshape((nd, *extra))
-        out[ep] = 1.0 / (1.0 + np.exp(-(a + eta)))
-    return out
+    return _probabilities(_link_arrays(post), metric, day, u)
 
 
 def marginal_probabilities(post: xr.Dataset, metric: np.ndarray, day: float) -> dict[str, np.ndarray]:
@@ -933,12 +955,13 @@ def marginal_probabilities(post: xr.Dataset, metric: np.ndarray, day: float) -> 
     :func:`link_probabilities`) with the patient effect integrated out: ``E_u σ(theta0 + η + u)``,
     ``u ~ N(0, sigma_u)`` of each link draw, on the grid of :func:`normal_quadrature`."""
     qx1, qw1 = normal_quadrature(SINGLE_VISIT_POINTS)
-    sig = _flat(post, "sigma_u")
+    arr = _link_arrays(post)
+    sig = arr["sigma_u"]
     x = np.asarray(metric, float)
     extra = (1,) * max(np.ndim(x) - 1, 0)
     out: dict[str, np.ndarray] = {}
     for node, w in zip(qx1, qw1, strict=True):
-        pr = link_probabilities(post, x, day, (sig * node).reshape((sig.size, *extra)))
+        pr = _probabilities(arr, x, day, (sig * node).reshape((sig.size, *extra)))
         for ep in ENDPOINTS:
             out[ep] = out.get(ep, 0.0) + w * pr[ep]
     return out
