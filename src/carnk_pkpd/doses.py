@@ -60,7 +60,6 @@ __all__ = [
 
 ACCURACY = "default"  # the solver accuracy of every prediction (structural.solve.ACCURACY)
 MAX_SUBJECTS_PER_TASK = 2000  # draws per task = max(1, this // n_patients); fixed, not worker-dependent
-SOLVE_BATCH = 64  # patients per solver call: the step coefficients of a batch stay in cache (measured below)
 HORIZON = 365.0  # days simulated after the first infusion
 B_PLOT_TIMES = np.arange(0.0, HORIZON + 0.5, 5.0)  # days, median B trajectories
 CAR_STEP = 0.25  # days between CAR-NK samples (closed form) for Cmax, Tmax, AUC and the plots
@@ -323,36 +322,23 @@ def _simulate(
     """
     from carnk_pkpd.structural.carnk import car_closed_form
     from carnk_pkpd.structural.metrics import metrics_from_paths
-    from carnk_pkpd.structural.solve import solve_nodes
+    from carnk_pkpd.structural.solve import solve_nodes_batched
 
     S = next(iter(theta.values())).shape[0]
     d = np.zeros((S, st.n_dose))
     a = np.zeros((S, st.n_dose))
     doses = np.asarray(reg.doses())
     d[:, : len(doses)], a[:, : len(doses)] = doses[:, 0], doses[:, 1]
-    # in batches of SOLVE_BATCH patients (the last padded with copies of its last row, so every call
-    # has one shape and compiles once): one call over thousands of patients spills the per-step
-    # coefficients out of cache and ran at a third of the speed
-    n_batch = -(-S // SOLVE_BATCH)
-    pad = np.minimum(np.arange(n_batch * SOLVE_BATCH), S - 1)
-    b_parts = []
-    for k in range(n_batch):
-        rows = pad[k * SOLVE_BATCH : (k + 1) * SOLVE_BATCH]
-        b_parts.append(
-            np.asarray(
-                solve_nodes(
-                    {p: v[rows] for p, v in theta.items()},
-                    np.broadcast_to(nodes, (rows.size, nodes.size)),
-                    d[rows],
-                    a[rows],
-                    n_transit=st.n_transit,
-                    sweeps=st.sweeps,
-                    structure=st.structure,
-                    ld={p: v[rows] for p, v in ld.items()},
-                )
-            )
-        )
-    b_all = np.concatenate(b_parts, axis=0)[:S]
+    b_all = solve_nodes_batched(
+        theta,
+        np.broadcast_to(nodes, (S, nodes.size)),
+        d,
+        a,
+        n_transit=st.n_transit,
+        sweeps=st.sweeps,
+        structure=st.structure,
+        ld=ld,
+    )
     sel = nodes >= 0.0
     t_b, b = nodes[sel], b_all[:, sel]
     # CAR-NK on the plot grid plus an instant before each infusion inside the metrics' window, so that

@@ -142,7 +142,7 @@ def simulate(
     per = _doses_per_subject(doses, n)
     k_tr, k_kill = rate_bounds(spec, theta, n_transit)
     grid = make_grid(per, [t] * n, accuracy, k_tr=k_tr, k_kill=k_kill, ld=resolve_ld(ld, spec, n))
-    car, bcell = solve(theta, grid, n_transit=n_transit, structure=spec.structure)
+    car, bcell = solve(theta, grid, n_transit=n_transit, structure=spec.structure, batched=True)
     car, bcell = np.asarray(car)[:, : t.size], np.asarray(bcell)[:, : t.size]
     dims = ("subject", "time")
     ds = xr.Dataset(

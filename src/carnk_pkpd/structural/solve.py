@@ -463,6 +463,46 @@ def solve_nodes(
     return jnp.concatenate([B_init[None, :], b_path], axis=0).T  # [S, n_nodes]
 
 
+SOLVE_BATCH = 64  # subjects per solver call outside a fit: a batch's step coefficients stay in cache
+
+
+def solve_nodes_batched(
+    theta: Mapping[str, np.ndarray],
+    nodes: np.ndarray,
+    dose_times: np.ndarray,
+    dose_amounts: np.ndarray,
+    *,
+    batch: int = SOLVE_BATCH,
+    **kwargs,
+) -> np.ndarray:
+    """:func:`solve_nodes` over many subjects, ``batch`` at a time; a numpy array ``(subject, n_nodes)``.
+
+    For simulation (not differentiated). One call over thousands of subjects spills the per-step
+    coefficients out of cache: measured 2x slower on the dose search (4,000 patients per call vs 64).
+    The last batch is padded with copies of its last subject, so every call has one shape and the
+    solver compiles once; each subject's values are those of an unbatched solve. ``kwargs``:
+    ``n_transit``, ``sweeps``, ``structure``, ``ld`` as for :func:`solve_nodes`.
+    """
+    nodes = np.asarray(nodes, float)
+    n_sub = nodes.shape[0]
+    ld = kwargs.pop("ld", None)
+    n_batch = -(-n_sub // batch)
+    rows_all = np.minimum(np.arange(n_batch * batch), n_sub - 1)
+    parts = []
+    for k in range(n_batch):
+        rows = rows_all[k * batch : (k + 1) * batch]
+        part = solve_nodes(
+            {p: np.asarray(v)[rows] if np.ndim(v) == 1 else v for p, v in theta.items()},
+            nodes[rows],
+            np.asarray(dose_times)[rows],
+            np.asarray(dose_amounts)[rows],
+            ld=None if ld is None else {p: np.asarray(v)[rows] for p, v in ld.items()},
+            **kwargs,
+        )
+        parts.append(np.asarray(part))
+    return np.concatenate(parts, axis=0)[:n_sub]
+
+
 def length_buckets(nodes: np.ndarray, step_cost: float = 100.0, max_buckets: int = 6) -> list[np.ndarray]:
     """Subjects grouped by their number of integration steps, for :func:`solve` with ``compact=True``.
 
@@ -483,11 +523,11 @@ def length_buckets(nodes: np.ndarray, step_cost: float = 100.0, max_buckets: int
     cut = np.zeros((max_buckets + 1, n + 1), dtype=int)
     best[0, 0] = 0.0
     for k in range(1, max_buckets + 1):
-        for j in range(1, n + 1):
-            for i in range(k - 1, j):  # the k-th group holds subjects i..j-1, the longest is j-1
-                c = best[k - 1, i] + (j - i) * max(counts[j - 1], 1) + step_cost
-                if c < best[k, j]:
-                    best[k, j], cut[k, j] = c, i
+        for j in range(k, n + 1):  # k groups need at least k subjects
+            i = np.arange(k - 1, j)  # the k-th group holds subjects i..j-1, the longest is j-1
+            c = best[k - 1, i] + (j - i) * max(counts[j - 1], 1) + step_cost
+            m = int(np.argmin(c))  # first minimum: the same choice as a scan over i
+            best[k, j], cut[k, j] = c[m], i[m]
     k = int(np.argmin(best[:, n]))
     groups, j = [], n
     while k > 0:
@@ -523,6 +563,7 @@ def solve(
     n_transit: int,
     structure: str = "reference",
     compact: bool = False,
+    batched: bool = False,
 ):
     """CAR-NK and B cells (cells/µL) at the grid's requested times, each ``(subject, n_times)``.
 
@@ -530,6 +571,8 @@ def solve(
     solves the subjects in groups of similar length (:func:`length_buckets`), each padded only to its
     longest member, so that short follow-ups do not pay for long ones: worth it when one grid is
     solved many times (a fit); the grouping is fixed by the grid, so it compiles once.
+    ``batched=True`` (simulation of many subjects, numpy values, not differentiated) solves
+    :data:`SOLVE_BATCH` subjects per call (:func:`solve_nodes_batched`).
     """
     if compact and grid.n_subjects > 1:
         groups = length_buckets(grid.nodes)
@@ -543,7 +586,7 @@ def solve(
             bcell = jnp.concatenate([b for _, b in parts], axis=0)[back]
             return car, bcell
         grid = _subgrid(grid, np.arange(grid.n_subjects))
-    b_nodes = solve_nodes(
+    b_nodes = (solve_nodes_batched if batched else solve_nodes)(
         theta,
         grid.nodes,
         grid.dose_times,
