@@ -126,3 +126,29 @@ def test_sign_start_is_seeded():
     np.testing.assert_array_equal(a, b)
     assert not np.array_equal(a, c)
     assert set(np.unique(a)) == {-1.0, 1.0}
+
+
+def test_flat_layout_is_the_order_nutpie_compiles():
+    """The warm start and the starting points address nutpie's flat vector by name. Its order is
+    that of the model nutpie compiles (frozen dims), not ``model.free_RVs``: check it against nutpie's
+    own log density and PyMC's at the same random point, on the reference model with its η's."""
+    import nutpie
+
+    from carnk_pkpd.data import embedded_cohort_path, read_cohort
+    from carnk_pkpd.spec import load_model
+    from carnk_pkpd.statistical import build_model, observation_data
+    from carnk_pkpd.warmstart import flat_layout, flatten, subject_blocks
+
+    data = observation_data(read_cohort(embedded_cohort_path("example")))
+    model = build_model(load_model("reference"), data)
+    rng = np.random.default_rng(3)
+    point = {k: v + 0.3 * rng.standard_normal(np.shape(v)) for k, v in model.initial_point().items()}
+    compiled = nutpie.compile_pymc_model(model, backend="jax", gradient_backend="jax")
+    layout = flat_layout(model)
+    nutpie_logp = compiled._make_logp_func()(flatten(point, layout), **dict(compiled._shared_data))[0]
+    np.testing.assert_allclose(nutpie_logp, model.compile_logp()(point), rtol=1e-10)
+    # the subject blocks are exactly the η's, each one index per subject
+    etas = {n: sl for n, sl, _ in layout if n.startswith("eta_")}
+    blocks = subject_blocks(model)
+    assert len(blocks) == len(etas) and all(b.size == data.n_subjects for b in blocks)
+    assert {(b[0], b[-1] + 1) for b in blocks} == {(sl.start, sl.stop) for sl in etas.values()}

@@ -98,18 +98,20 @@ def _initial_point_fn(pm_model: Any) -> Callable[[int], np.ndarray]:
     ``z = 0``) and residual/BSV SDs at PyMC's support point, each with U(−1, 1) jitter on the
     unconstrained scale; every η within ±ETA_JITTER of 0. PyMC's default jitters the 60-odd η's by
     U(−1, 1) too, which starts a chain far from any posterior (maximum-depth trees in early warm-up).
-    The flat layout is nutpie's: value variables in the order of ``model.free_RVs``."""
+    The flat layout is nutpie's (:func:`carnk_pkpd.warmstart.flat_layout`)."""
     from pymc.initial_point import make_initial_point_fn
+
+    from carnk_pkpd.warmstart import flat_layout
 
     point_fn = make_initial_point_fn(
         model=pm_model, jitter_rvs=set(pm_model.free_RVs), return_transformed=True
     )
-    names = [pm_model.rvs_to_values[rv].name for rv in pm_model.free_RVs]
+    layout = flat_layout(pm_model)
 
     def initial_point(seed: Any) -> np.ndarray:
         point = point_fn(seed)
         return np.concatenate(
-            [np.ravel(point[n]) * (ETA_JITTER if n.startswith("eta_") else 1.0) for n in names]
+            [np.ravel(point[n]) * (ETA_JITTER if n.startswith("eta_") else 1.0) for n, _, _ in layout]
         ).astype("float64")
 
     return initial_point
@@ -145,11 +147,10 @@ def _warm_start(compiled: Any, pm_model: Any) -> tuple[Any, dict[str, Any]]:
     cost; the model unchanged (chains started near the prior's centre) if no finite mode is found."""
     from pymc.initial_point import make_initial_point_fn
 
-    from carnk_pkpd.warmstart import laplace_whitening, subject_blocks, whitened_model
+    from carnk_pkpd.warmstart import flat_layout, flatten, laplace_whitening, subject_blocks, whitened_model
 
     centre = make_initial_point_fn(model=pm_model, jitter_rvs=set(), return_transformed=True)(0)
-    names = [pm_model.rvs_to_values[rv].name for rv in pm_model.free_RVs]
-    x0 = np.concatenate([np.ravel(centre[n]) for n in names]).astype("float64")
+    x0 = flatten(centre, flat_layout(pm_model))
     logp = compiled._make_logp_func()  # noqa: SLF001
     shared = dict(compiled._shared_data)  # noqa: SLF001
     w = laplace_whitening(lambda x: logp(x, **shared), x0, subject_blocks(pm_model))

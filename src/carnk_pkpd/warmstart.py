@@ -179,15 +179,37 @@ def whitened_model(compiled: Any, w: Whitening) -> Any:
     )
 
 
-def subject_blocks(pm_model: Any) -> list[np.ndarray]:
-    """Flat indices (nutpie's layout: value variables in ``model.free_RVs`` order) of each η
-    parameter ``eta_<name>`` (dims ``subject``), one array per parameter in subject order."""
-    point = pm_model.initial_point()
-    blocks, offset = [], 0
-    for rv in pm_model.free_RVs:
-        name = pm_model.rvs_to_values[rv].name
-        size = int(np.size(point[name]))
-        if name.startswith("eta_"):
-            blocks.append(np.arange(offset, offset + size))
+def flat_layout(pm_model: Any) -> list[tuple[str, slice, tuple[int, ...]]]:
+    """nutpie's flat parameter vector: ``(value variable, slice, shape)`` in nutpie's order.
+
+    nutpie's JAX backend compiles ``freeze_dims_and_data(model)``, whose ``free_RVs`` do not keep the
+    original model's order (PyMC 5.2x/6 with nutpie 0.16 reverses it), so the layout is read from the
+    frozen model. ``tests/test_warmstart.py`` checks it against nutpie's own log density."""
+    from pymc.model.transform.optimization import freeze_dims_and_data
+
+    frozen = freeze_dims_and_data(pm_model)
+    point = frozen.initial_point()
+    layout, offset = [], 0
+    for rv in frozen.free_RVs:
+        name = frozen.rvs_to_values[rv].name
+        shape = tuple(np.shape(point[name]))
+        size = int(np.prod(shape, dtype=int))
+        layout.append((name, slice(offset, offset + size), shape))
         offset += size
-    return blocks
+    return layout
+
+
+def flatten(point: dict[str, np.ndarray], layout: list[tuple[str, slice, tuple[int, ...]]]) -> np.ndarray:
+    """A point (value variable -> array) as nutpie's flat vector."""
+    return np.concatenate([np.ravel(point[name]) for name, _, _ in layout]).astype("float64")
+
+
+def subject_blocks(pm_model: Any) -> list[np.ndarray]:
+    """Flat indices (nutpie's layout, :func:`flat_layout`) of each per-subject variable (dims
+    ``("subject",)``: the η's), one array per variable in subject order."""
+    dims = pm_model.named_vars_to_dims
+    return [
+        np.arange(sl.start, sl.stop)
+        for name, sl, _ in flat_layout(pm_model)
+        if tuple(dims.get(name, ())) == ("subject",)
+    ]
