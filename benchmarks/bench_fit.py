@@ -64,6 +64,9 @@ def main() -> None:
     )
     ap.add_argument("--out", default=None, help="save the fit folder here")
     ap.add_argument(
+        "--adaptation", default="diag", choices=("low_rank", "diag"), help="nutpie's mass-matrix adaptation"
+    )
+    ap.add_argument(
         "--no-warm-start",
         action="store_true",
         help="start near the prior's centre on the model's own scale (the behaviour before carnk_pkpd.warmstart)",
@@ -112,6 +115,7 @@ def main() -> None:
         progress=False,
         target_accept=TARGET_ACCEPT if args.target_accept is None else args.target_accept,
         warm_start=not args.no_warm_start,
+        adaptation=args.adaptation,
     )
     wall = time.perf_counter() - t0
     d = result.diagnostics

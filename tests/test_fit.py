@@ -115,7 +115,7 @@ def test_fit_folder_holds_posterior_model_data_summary_and_manifest(small_fit):
     assert manifest["synthetic"] is True
     assert set(manifest["files"]) == {"posterior.nc", "model.toml", "data.csv", "summary.csv"}
     assert "nutpie" in manifest["versions"] and "compile_seconds" in manifest["timings"]
-    assert manifest["sampler"]["target_accept"] == 0.9 and manifest["sampler"]["adaptation"] == "low_rank"
+    assert manifest["sampler"]["target_accept"] == 0.9 and manifest["sampler"]["adaptation"] == "diag"
     # a reloaded fit carries the same posterior and the data it was fitted to
     post = small_fit.posterior
     assert post.sizes["chain"] == 2 and post.sizes["draw"] == 60

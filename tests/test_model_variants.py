@@ -88,3 +88,20 @@ def test_variant_fits_and_compares_with_reference(small_fit, tmp_path, name):
     df = compare_fits([small_fit, f], names=["reference", name])
     assert set(df["model"]) == {"reference", name} and np.isfinite(df["elpd_loo"]).all()
     print(df[["model", "elpd_loo", "se", "elpd_diff", "dse", "k_bad", "k_very_bad"]].to_string())
+
+
+def test_estimated_omegas_follow_the_file_prior(data):
+    """omega_k_rej ~ LogNormal(log 0.4, 0.5) as the file says (4,000 prior draws: mean and SD of log
+    omega within 4 Monte Carlo SEs), and HalfNormal(0.4) when the file gives no omega prior."""
+    import pymc as pm
+
+    spec = load_model("reference")
+    draws = pm.draw(build_model(spec, data)["omega_k_rej"], draws=4000, random_seed=1)
+    se = 0.5 / np.sqrt(4000)
+    assert abs(np.log(draws).mean() - np.log(0.4)) < 4 * se
+    assert abs(np.log(draws).std() - 0.5) < 4 * se / np.sqrt(2) * 1.5
+    half = dataclasses.replace(spec.parameters["k_rej"], bsv_prior={"dist": "HalfNormal", "sigma": 0.4})
+    spec_half = dataclasses.replace(spec, parameters={**spec.parameters, "k_rej": half})
+    draws = pm.draw(build_model(spec_half, data)["omega_k_rej"], draws=4000, random_seed=1)
+    mean, sd = 0.4 * np.sqrt(2 / np.pi), 0.4 * np.sqrt(1 - 2 / np.pi)
+    assert abs(draws.mean() - mean) < 4 * sd / np.sqrt(4000)

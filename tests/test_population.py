@@ -219,7 +219,8 @@ estimate = false""",
     data = observation_data(cohort)
     model = build_model(spec, data)
     free = {v.name for v in model.free_RVs}
-    assert "eta_rho" in free and "omega_rho" not in free and "omega_f_bl" in free
+    assert "eta_rho" in free and "omega_rho" not in model.named_vars  # OMEGA FIX: a constant
+    assert "z_omega_f_bl" in free and "omega_f_bl" in model.named_vars  # estimated: exp(mu + sigma·z)
     (term,) = model.replace_rvs_by_values([model["ll_bcell_flow_obs"]])
     ll = model.compile_fn(term, on_unused_input="ignore")(model.initial_point())
     # initial point: every z and eta 0, so each parameter is exp(prior mu) = its typical value

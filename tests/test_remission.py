@@ -199,7 +199,8 @@ def test_published_counts_narrow_theta0():
     """Switching a published multinomial on, on a small synthetic cohort (30 patients, 2 visits):
     400 extra patients counted over none / LLDAS only / DORIS at days 180..365, the counts being
     the truth's expected counts for their virtual patients, narrow the 90% interval of theta0_doris
-    and of theta0_lldas, which still cover the truth (one imputation, short chains)."""
+    and of theta0_lldas, which still cover the truth (one imputation; 1,000 draws: the width ratio is
+    ~0.83, and with 300 draws its Monte Carlo error reached the 0.9 bound)."""
     rng = np.random.default_rng(21)
     da = _true_da(30, seed=9)
     oc = _outcomes(da, [180.0, 365.0], rng)
@@ -211,7 +212,7 @@ def test_published_counts_narrow_theta0():
     p_d = float(np.sum(w / (1 + np.exp(-(TRUTH["theta0_lldas"] - TRUTH["delta"] + eta)))))
     counts = np.round(400 * np.array([1 - p_l, p_l - p_d, p_d])).astype(int)
     src = R.PublishedSource("synthetic", tuple(int(c) for c in counts), (180.0, 365.0), {"A": 1.0})
-    kw = dict(center=CENTER, scale=SCALE, draws=300, tune=200, seed=4)
+    kw = dict(center=CENTER, scale=SCALE, draws=1000, tune=300, seed=4)
     ids = [str(i) for i in range(da.size)]
     off = R.sample_remission(da[:, None], oc, ids, **kw)
     on = R.sample_remission(

@@ -130,6 +130,18 @@ def test_bsv_priors_and_fixed_parameters_follow_science(reference: ModelSpec) ->
         assert "OMEGA FIX" in reference.raw["parameters"][name]["bsv"]["note"], name
     for name in reference.fixed_parameters():
         assert reference.parameters[name].prior == {"dist": "Fixed"}
+    # estimated omegas: LogNormal around the science table's SD (no prior mass at omega = 0)
+    for name in reference.estimated_bsv():
+        par = reference.parameters[name]
+        assert par.bsv_prior == {"dist": "LogNormal", "mu": pytest.approx(math.log(par.bsv_sd)), "sigma": 0.5}
+
+
+def test_omega_prior_defaults_to_half_normal(tmp_path: Path, reference_raw: dict) -> None:
+    raw = copy.deepcopy(reference_raw)
+    del raw["parameters"]["k_rej"]["bsv"]["prior"]
+    spec = load_model(write_variant(tmp_path, raw))
+    assert spec.parameters["k_rej"].bsv_prior == {"dist": "HalfNormal", "sigma": 0.4}
+    assert spec.parameters["rho"].bsv_prior is None  # OMEGA FIX: nothing to estimate
 
 
 def test_observations_dose_levels_remission_schedule(reference: ModelSpec) -> None:
@@ -275,6 +287,14 @@ def _unknown_table(raw: dict) -> None:
     raw["paramters"] = {}
 
 
+def _omega_prior_on_fixed_omega(raw: dict) -> None:
+    raw["parameters"]["rho"]["bsv"]["prior"] = {"dist": "LogNormal", "sigma": 0.5}
+
+
+def _omega_prior_unknown_dist(raw: dict) -> None:
+    raw["parameters"]["k_rej"]["bsv"]["prior"] = {"dist": "Beta", "alpha": 2.0, "beta": 2.0}
+
+
 WRONG_FILES = {
     "unknown parameter": (_unknown_parameter, "parameters.k_rejj", "did you mean 'k_rej'"),
     "negative rate": (_negative_rate, "parameters.k_rej.typical", "negative rate (found -0.1, expected > 0)"),
@@ -296,6 +316,12 @@ WRONG_FILES = {
     ),
     "retired structure": (_retired_structure, "model.structure", "unknown structure"),
     "unknown table": (_unknown_table, "paramters", "did you mean 'parameters'"),
+    "omega prior on OMEGA FIX": (
+        _omega_prior_on_fixed_omega,
+        "parameters.rho.bsv.prior",
+        "needs estimate = true",
+    ),
+    "omega prior dist": (_omega_prior_unknown_dist, "parameters.k_rej.bsv.prior.dist", "unknown prior dist"),
 }
 
 

@@ -219,7 +219,7 @@ def parameter_table(fit: Any, sdtab_df: pd.DataFrame | None = None) -> pd.DataFr
         m += 1
         st = _variance_stats(_cd(post[om]))
         rows.append(dict(label=f"OMEGA({m},{m})", name=om, kind="OMEGA", unit="log-scale variance",
-                         prior=f"HalfNormal(sigma={max(par.bsv_sd, 0.1):g}) on the SD", fixed=False, **st,
+                         prior=_prior_text(par.bsv_prior) + " on the SD", fixed=False, **st,
                          cv_pct=float(cv_percent(st["stdev"])),
                          shrinkage_pct=100.0 * float(shrink.get(name, np.nan))))  # fmt: skip
     for name in spec.parameters:

@@ -153,7 +153,8 @@ _PARAM_KEYS = (
     "source",
     "description",
 )
-_BSV_KEYS = ("sd", "estimate", "note")
+_BSV_KEYS = ("sd", "estimate", "prior", "note")
+_OMEGA_DISTS = ("HalfNormal", "LogNormal")
 _OBS_KEYS = ("name", "unit", "error", "lloq", "sigma", "copies_per_cell", "description")
 _SCALAR_KEYS = ("typical", "unit", "prior", "estimate", "basis", "source")
 _COVARIATE_KEYS = ("parameter", "covariate", "form", "center", "reference", "prior")
@@ -307,6 +308,9 @@ class ParameterSpec:
     basis: str
     source: str
     description: str
+    #: prior of an estimated BSV SD (omega): the file's ``bsv.prior`` (LogNormal ``mu`` defaults to
+    #: ``log(sd)``), else ``HalfNormal(sigma = max(sd, 0.1))``; None when omega is not estimated
+    bsv_prior: dict[str, Any] | None = None
 
 
 @dataclass(frozen=True)
@@ -840,7 +844,7 @@ def _parse_parameter(col: _Collector, name: str, table: Any) -> ParameterSpec | 
     fixed = bool(fixed)
 
     bsv = table.get("bsv", {})
-    sd, estimate = 0.0, False
+    sd, estimate, omega_prior = 0.0, False, None
     if not isinstance(bsv, dict):
         col.add(key + ".bsv", f"expected an inline table {{ sd = 0.5, estimate = true }} (found {_fmt(bsv)})")
     else:
@@ -858,6 +862,15 @@ def _parse_parameter(col: _Collector, name: str, table: Any) -> ParameterSpec | 
                 key + ".bsv.estimate",
                 "a fixed parameter cannot have estimated BSV (expected estimate = false)",
             )
+        if "prior" in bsv:
+            if not estimate:
+                col.add(key + ".bsv.prior", "a prior on omega needs estimate = true (omega is fixed at sd)")
+            else:
+                omega_prior = _parse_prior(
+                    col, key + ".bsv.prior", bsv["prior"], sd if sd > 0 else None, _OMEGA_DISTS
+                )
+        elif estimate and sd > 0:
+            omega_prior = {"dist": "HalfNormal", "sigma": max(sd, 0.1)}
 
     tier = table.get("dose_level_tier", False)
     if not _check_bool(col, key + ".dose_level_tier", tier):
@@ -883,6 +896,7 @@ def _parse_parameter(col: _Collector, name: str, table: Any) -> ParameterSpec | 
         prior=parsed_prior,
         bsv_sd=sd,
         bsv_estimate=estimate,
+        bsv_prior=omega_prior,
         dose_level_tier=tier,
         fixed=fixed,
         basis=basis,
