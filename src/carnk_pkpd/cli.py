@@ -961,13 +961,13 @@ def _demo_reference_cohort(console: Any, state: dict[str, Any]) -> None:
 
 
 def _demo_fit(console: Any, state: dict[str, Any]) -> None:
-    """Step: a short fit of the reference cohort, saved to fits/demo (4 chains x 300 + 400 by default:
-    two worker processes of two chains each on a 2-core machine). 4 x (300 + 300) gave a min bulk
-    ESS of 363 (B0) and R-hat 1.011 (benchmarks/bench_fit.py, seed 1): just short of the checks'
-    400 and 1.01, so the demo draws a third more."""
+    """Step: a short fit of the reference cohort, saved to fits/demo (4 chains x 400 + 500 by default:
+    two worker processes of two chains each on a 2-core machine). Measured with seed 1: 4 x (300 +
+    300) gave a min bulk ESS of 363 and R-hat 1.011 (B0; benchmarks/bench_fit.py), 4 x (300 + 400)
+    ESS 410 and R-hat 1.011 (B0; the demo), both just short of the checks' 400 and 1.01."""
     from carnk_pkpd.data import embedded_cohort_path
 
-    settings = state.get("fit_settings", dict(draws=400, tune=300, chains=4, seed=1))
+    settings = state.get("fit_settings", dict(draws=500, tune=400, chains=4, seed=1))
     console.print(
         f"Fitting the SYNTHETIC reference cohort: {settings['chains']} chains x ({settings['tune']} tune + "
         f"{settings['draws']} draws). A full fit is 'carnk-pkpd fit' with 4 x (1000 + 1000)."
