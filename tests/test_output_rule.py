@@ -212,13 +212,21 @@ def test_simulate_and_report_keep_files_they_did_not_write(small_fit, tmp_path):
     assert page.read_text() == "<html>mine</html>"
 
 
+def _foreground_sigint() -> None:
+    """The fit runs as a user's foreground command does: with the default SIGINT action. A suite
+    started in the background (``pytest &`` without job control, as some CI launchers do) ignores
+    SIGINT, and a child inherits that, so without this the test would measure the launcher."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 @pytest.mark.parametrize("chains", [1, 2], ids=["in-process", "worker-processes"])
 def test_ctrl_c_stops_a_fit_within_seconds_and_leaves_no_folder(small_fit, tmp_path, chains):
     out = tmp_path / "interrupted"
     env = dict(os.environ, PYTHONPATH=str(SRC), PYTHONUNBUFFERED="1")
     cmd = [sys.executable, "-m", "carnk_pkpd.cli", "fit", str(small_fit.path / "data.csv"), "--out", str(out),
            "--draws", "5000", "--tune", "5000", "--chains", str(chains)]  # fmt: skip
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
+                            preexec_fn=_foreground_sigint)  # fmt: skip
     try:
         for line in proc.stdout:  # progress lines (not a terminal): wait until the sampler reports
             if "iteration" in line:
