@@ -10,10 +10,10 @@ Per structural parameter ``p`` (natural units as in ``models/*.toml``):
 * covariate effects from the file's ``[[covariates]]`` (power on dose or a continuous covariate
   normalised to its cohort median, linear, or categorical factors);
 * between-subject variability where ``bsv.sd > 0``: ``log p_i = log p_DL + covariates +
-  omega_p·eta_i`` with ``eta_i ~ N(0, 1)`` (non-centred); ``omega_p`` estimated with the file's
-  ``bsv.prior`` (LogNormal, non-centred like the typical values; or HalfNormal, the default
-  ``HalfNormal(bsv.sd)``) where ``bsv.estimate = true``, ``omega_p = bsv.sd`` where it is false (OMEGA FIX, as in NONMEM: the η
-  stay in the model, only ω is not estimated). ``sd = 0`` or no ``bsv``: no BSV.
+  omega_p·eta_i`` with ``eta_i ~ N(0, 1)`` (non-centred); where ``bsv.estimate = true``,
+  ``omega_p`` has the file's ``bsv.prior`` (LogNormal, non-centred like the typical values, or
+  HalfNormal; default ``HalfNormal(bsv.sd)``); where it is false ``omega_p = bsv.sd`` (OMEGA FIX, as
+  in NONMEM: the η stay in the model, only ω is not estimated). ``sd = 0`` or no ``bsv``: no BSV.
 * each subject's lymphodepletion window from its EVID=2 rows (first to last day, full intensity; no
   EVID=2 row: no LD), with the surge and rejection onset the file's ``[lymphodepletion]`` declares.
 
@@ -134,28 +134,28 @@ def _typical_rv(name: str, prior: dict[str, Any]):
     return p, pt.log(p)
 
 
-def _omega_rv(name: str, prior: dict[str, Any]):
-    """An estimated BSV SD ``omega_<name>`` (log scale) with the file's prior: LogNormal non-centred
-    (``omega = exp(mu + sigma·z)``, like the typical values), or HalfNormal."""
+def _positive_rv(name: str, prior: dict[str, Any]):
+    """A positive scalar ``name`` with the file's prior: LogNormal non-centred (``name = exp(mu +
+    sigma·z_name)``, like the typical values), HalfNormal, or Normal truncated at 0. Serves the
+    estimated BSV SDs (``omega_<p>``), residual SDs and conversion factors."""
+    if prior["dist"] == "HalfNormal":
+        return pm.HalfNormal(name, sigma=prior["sigma"])
     if prior["dist"] == "LogNormal":
-        z = pm.Normal(f"z_omega_{name}", 0.0, 1.0)
-        return pm.Deterministic(f"omega_{name}", pt.exp(prior["mu"] + prior["sigma"] * z))
-    return pm.HalfNormal(f"omega_{name}", sigma=prior["sigma"])
+        z = pm.Normal(f"z_{name}", 0.0, 1.0)
+        return pm.Deterministic(name, pt.exp(prior["mu"] + prior["sigma"] * z))
+    if prior["dist"] == "Normal":
+        return pm.TruncatedNormal(name, mu=prior["mu"], sigma=prior["sigma"], lower=0.0)
+    raise ValueError(f"prior distribution {prior['dist']!r} is not supported for {name}")  # pragma: no cover
 
 
 def _scalar_rv(name: str, scalar: Any):
     """A residual SD or conversion factor: estimated with its prior, or fixed at its typical value."""
     if not scalar.estimate or scalar.prior is None:
         return pt.as_tensor_variable(float(scalar.typical))
-    pr = scalar.prior
-    if pr["dist"] == "HalfNormal":
-        return pm.HalfNormal(name, sigma=pr["sigma"])
-    if pr["dist"] == "LogNormal":
-        z = pm.Normal(f"z_{name}", 0.0, 1.0)
-        return pm.Deterministic(name, pt.exp(pr.get("mu", np.log(scalar.typical)) + pr["sigma"] * z))
-    if pr["dist"] == "Normal":
-        return pm.TruncatedNormal(name, mu=pr["mu"], sigma=pr["sigma"], lower=0.0)
-    raise ValueError(f"prior distribution {pr['dist']!r} is not supported for {name}")  # pragma: no cover
+    prior = scalar.prior
+    if prior["dist"] == "LogNormal" and "mu" not in prior:
+        prior = {**prior, "mu": float(np.log(scalar.typical))}
+    return _positive_rv(name, prior)
 
 
 def _covariate_terms(spec: ModelSpec, data: ObservationData, name: str):
@@ -261,7 +261,7 @@ def build_model(spec: ModelSpec, data: ObservationData, *, accuracy: str = "defa
             if par.bsv_sd > 0:
                 # estimated omega, or OMEGA FIX at the file's sd: the eta stay in the model either way
                 if par.bsv_estimate:
-                    omega = _omega_rv(name, par.bsv_prior)
+                    omega = _positive_rv(f"omega_{name}", par.bsv_prior)
                 else:
                     omega = pt.as_tensor_variable(float(par.bsv_sd))
                 eta = pm.Normal(f"eta_{name}", 0.0, 1.0, dims="subject")
