@@ -17,7 +17,7 @@ from the stated dose-level/dose effect they come from the fitted statistical mod
 
 Run:  .venv/bin/python benchmarks/bench_compare.py [--only embedded,dl,dose]
                                                     [--draws 1000 --tune 1000 --chains 4 --seed 1]
-                                                    [--keep DIR]
+                                                    [--keep DIR [--reuse]] [--by record,subject]
 
 Fits run one at a time. Prints per comparison: elpd_loo ± SE of each fit, elpd_diff (worse − best)
 ± dse, Pareto-k counts, and wall times. ``--reuse`` loads fit folders already under ``--keep``.
@@ -111,6 +111,13 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=1)
     ap.add_argument("--keep", default=None, help="save the fit folders under this folder")
     ap.add_argument(
+        "--by",
+        default="record,subject",
+        help="comma-separated LOO units: record (stored log-likelihood) and/or subject (η integrated out)",
+    )
+    ap.add_argument("--samples", type=int, default=200, help="--by subject: importance samples per draw")
+    ap.add_argument("--max-draws", type=int, default=400, help="--by subject: posterior draws used")
+    ap.add_argument(
         "--reuse",
         action="store_true",
         help="load a fit folder already under --keep instead of refitting (compare checks the data hash)",
@@ -155,18 +162,41 @@ def main() -> None:
         for model in paths:
             if model == "reference":
                 continue
-            df = compare_fits([paths["reference"], paths[model]], names=["reference", model])
-            show = df[
-                ["model", "elpd_loo", "se", "elpd_diff", "dse", "p_loo", "k_good", "k_bad", "k_very_bad"]
-            ]
-            print(f"\n  reference vs {model}:")
-            print("  " + show.to_string(index=False, float_format=lambda v: f"{v:.1f}").replace("\n", "\n  "))
-            other = df.set_index("model")
-            diff = other.loc[model, "elpd_loo"] - other.loc["reference", "elpd_loo"]
-            dse = float(np.max(df["dse"]))
-            print(
-                f"  elpd({model}) - elpd(reference) = {diff:+.1f} (SE {dse:.1f}; {diff / dse if dse else np.nan:+.1f} SE)"
-            )
+            for unit in args.by.split(","):
+                t0 = time.perf_counter()
+                df = compare_fits(
+                    [paths["reference"], paths[model]],
+                    names=["reference", model],
+                    unit=unit,
+                    n_samples=args.samples,
+                    max_draws=args.max_draws,
+                    seed=args.seed,
+                )
+                cols = [
+                    "model",
+                    "elpd_loo",
+                    "se",
+                    "elpd_diff",
+                    "dse",
+                    "p_loo",
+                    "k_good",
+                    "k_bad",
+                    "k_very_bad",
+                ]
+                if unit == "subject":
+                    cols += ["is_ess_min", "is_ess_median"]
+                print(f"\n  reference vs {model}, leave one {unit} out ({time.perf_counter() - t0:.0f} s):")
+                print(
+                    "  "
+                    + df[cols].to_string(index=False, float_format=lambda v: f"{v:.1f}").replace("\n", "\n  ")
+                )
+                other = df.set_index("model")
+                diff = other.loc[model, "elpd_loo"] - other.loc["reference", "elpd_loo"]
+                dse = float(np.max(df["dse"]))
+                print(
+                    f"  elpd({model}) - elpd(reference) = {diff:+.1f} (SE {dse:.1f}; "
+                    f"{diff / dse if dse else np.nan:+.1f} SE), leave one {unit} out"
+                )
     print(f"\nfits in {root}")
 
 

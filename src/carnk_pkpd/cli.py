@@ -856,6 +856,17 @@ _COMPARE_FITS = typer.Argument(..., metavar="FIT FIT...", help="Two or more fit 
 def compare_cmd(
     fit_dirs: list[str] = _COMPARE_FITS,
     out: str | None = typer.Option(None, "--out", help="Folder to create for compare.csv (must not exist)."),
+    by: str = typer.Option(
+        "record",
+        "--by",
+        help="Leave one 'record' out, or one 'subject' out (its η integrated out: judges the "
+        "population model, e.g. a dose-level tier or a covariate).",
+    ),
+    samples: int = typer.Option(
+        200, "--samples", min=10, help="--by subject: importance samples per subject and draw."
+    ),
+    max_draws: int = typer.Option(400, "--max-draws", min=10, help="--by subject: posterior draws used."),
+    seed: int = typer.Option(0, "--seed", help="--by subject: seed of the importance sampler."),
 ) -> None:
     """Rank fits of the same data by PSIS-LOO (elpd, SE, difference to the best and its SE, Pareto k)."""
     from rich.console import Console
@@ -864,16 +875,20 @@ def compare_cmd(
     from carnk_pkpd.compare import compare_fits
     from carnk_pkpd.errors import FitError
 
+    if by not in ("record", "subject"):
+        typer.echo(f"Error: --by must be 'record' or 'subject' (found {by!r})", err=True)
+        raise typer.Exit(2)
     fits = [_load_fit_or_exit(d) for d in fit_dirs]
     try:
-        df = compare_fits(fits, out)
+        df = compare_fits(fits, out, unit=by, n_samples=samples, max_draws=max_draws, seed=seed)
     except (FitError, FileExistsError, OSError, ValueError) as exc:
         typer.echo(f"Error: {exc}", err=True)
         raise typer.Exit(1) from None
     console = Console()
     if df.attrs.get("synthetic"):
         console.print("[bold red]SYNTHETIC data: the fits describe simulated patients.")
-    table = Table(title="PSIS-LOO (leave one record out; elpd in nats, higher is better)")
+    what = "record" if by == "record" else "subject, its η integrated out"
+    table = Table(title=f"PSIS-LOO (leave one {what}; elpd in nats, higher is better)")
     cols = ["model", "rank", "elpd_loo", "se", "elpd_diff", "dse", "p_loo", "k_good", "k_bad", "k_very_bad"]
     heads = ["model", "rank", "elpd", "SE", "Δelpd", "SE Δ", "p_loo", "k ok", "k bad", "k > 1"]
     for c, h in zip(cols, heads, strict=True):
@@ -885,6 +900,11 @@ def compare_cmd(
     for row in df.itertuples(index=False):
         if row.warning:
             console.print(f"[yellow]warning: {row.model}: {row.warning}")
+        if by == "subject":
+            console.print(
+                f"{row.model}: importance sampling ESS per subject and draw: min {row.is_ess_min:.0f}, "
+                f"median {row.is_ess_median:.0f} of {samples}"
+            )
     if out is not None:
         typer.echo(f"wrote {out}/compare.csv")
 
