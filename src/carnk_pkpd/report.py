@@ -162,8 +162,8 @@ def _main_columns(df: pd.DataFrame) -> list[str]:
 
 
 def _loo_columns(df: pd.DataFrame) -> list[str]:
-    want = ["model", "rank", "elpd_loo", "se", "elpd_diff", "dse", "p_loo", "weight", "k_bad", "k_very_bad",
-            "warning"]  # fmt: skip
+    want = ["model", "unit", "rank", "elpd_loo", "se", "elpd_diff", "dse", "p_loo", "weight", "k_bad",
+            "k_very_bad", "warning"]  # fmt: skip
     return [c for c in want if c in df.columns]
 
 
@@ -284,8 +284,9 @@ def render_report(
         found = _found(folder, "compare.csv")
         if found:
             add("loo", "Model comparison (PSIS-LOO)",
-                text("elpd in nats (higher is better); elpd_diff and dse against the best model; k_bad/"
-                     "k_very_bad: records whose Pareto k makes that fit's elpd unreliable."),
+                text("elpd in nats (higher is better); elpd_diff and dse against the best model; unit: "
+                     "what was left out (a record, or a subject with its η integrated out); k_bad/"
+                     "k_very_bad: units whose Pareto k makes that fit's elpd unreliable."),
                 *_csv_blocks(found, folder, _loo_columns))  # fmt: skip
         found = _found(folder, "remission.csv")
         if found:
