@@ -47,13 +47,14 @@ of the pooled variance (exposure uncertainty), median: theta0_lldas 0.003, theta
 
 What the misses are. The intervals are about as wide as the errors are spread (SD of median -
 truth over cohorts / (mean 90% width / 3.29) = 1.07), but P(DORIS) is biased low (mean error
--0.15 / -0.16 at day 180 for DL1 / DL4, -0.12 / -0.14 at day 365) and P(LLDAS, day 365) high (+0.10 / +0.07): the signature of the stage-2
-link's constant DORIS/LLDAS offset ``delta``. In the generator (1,000 SYNTHETIC DL4 patients, full
-follow-up, seed 999) the population log-odds gap logit P(LLDAS) - logit P(DORIS) falls from 2.8 at day 90 to
-1.55 (120), 1.05 (150), 0.63 (180), 0.09 (270) and 0.06 (365): DORIS follows LLDAS by months (the
-prednisone taper) and then catches up. One ``delta`` for all visits, fitted mostly on visits at or
-before day 150 (median follow-up 5 months), is too large at day 180 and later. The fix is a
-time-varying offset (``delta(t)`` on the visit grid, positive at every visit); not done yet.
+-0.15 / -0.16 at day 180 for DL1 / DL4, -0.12 / -0.14 at day 365) and P(LLDAS, day 365) high
+(+0.10 / +0.07): the signature of the stage-2 link's constant DORIS/LLDAS offset ``delta``. In the
+generator (1,000 SYNTHETIC DL4 patients, full follow-up, seed 999) the population log-odds gap
+logit P(LLDAS) - logit P(DORIS) falls from 2.8 at day 90 to 1.55 (120), 1.05 (150), 0.63 (180),
+0.09 (270) and 0.06 (365): DORIS follows LLDAS by months (the prednisone taper) and then catches
+up. One ``delta`` for all visits, fitted mostly on visits at or before day 150 (median follow-up
+5 months), is too large at day 180 and later. The fix is a time-varying offset (``delta(t)`` on
+the visit grid, positive at every visit); not done yet.
 Part of the DORIS miss is these seeds' data: the cohorts' own day-180 DORIS scores were 69 of 172
 (0.40) against 0.48 in a 1,000-patient cohort of the same design (seed 5); the DL4 predictions'
 mean, 0.355, sits below even that.
