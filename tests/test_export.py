@@ -39,9 +39,14 @@ PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
 
 def _max_significant_digits(text: str) -> int:
-    """Most significant digits of any non-integer number in ``text`` (leading/trailing zeros not counted)."""
+    """Most significant digits of any non-integer number in ``text`` (leading/trailing zeros not counted).
+
+    Comment lines (``#``: the SYNTHETIC banner, the manifest's SHA-256) are not data, and a number must
+    stand alone: digits inside a hex hash or a word such as ``b1e23`` are not numbers.
+    """
     most = 0
-    for tok in re.findall(r"\d+\.?\d*(?:[eE][+-]?\d+)?", text):
+    data = "\n".join(line for line in text.splitlines() if not line.startswith("#"))
+    for tok in re.findall(r"(?<![\w.])\d+\.?\d*(?:[eE][+-]?\d+)?(?![\w.])", data):
         if "." not in tok and "e" not in tok.lower():
             continue  # integers (IDs, ITERATION) are exact
         mantissa = re.split(r"[eE]", tok)[0].replace(".", "").strip("0")
