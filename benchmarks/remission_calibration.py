@@ -107,6 +107,8 @@ def one_cohort(i: int, args: argparse.Namespace, truth: pd.DataFrame) -> list[di
     if kept is not None and (kept / "manifest.json").exists():
         f = load_fit(kept)  # stage 1 of an earlier run (same seed): only stage 2 runs again
         stage1_s = float(f.manifest.get("timings", {}).get("wall_seconds", np.nan))
+        smp = f.manifest.get("sampler", {})  # the kept fit's own settings, not this run's options
+        settings1 = {k: int(smp.get(k, -1)) for k in ("chains", "tune", "draws")}
     else:
         cohort, _ = simulate_cohort("reference", n_subjects=args.subjects, seed=seed)
         f = fit(
@@ -121,6 +123,7 @@ def one_cohort(i: int, args: argparse.Namespace, truth: pd.DataFrame) -> list[di
         if kept is not None:
             f = load_fit(save_fit(f, kept))
         stage1_s = time.perf_counter() - t0
+        settings1 = {"chains": args.chains, "tune": args.tune, "draws": args.draws}
     d1 = f.diagnostics
     stage1 = f"stage-1 check {'ok' if d1.ok else 'FAIL'} (min bulk ESS {d1.min_ess_bulk:.0f}, divergences {d1.divergences})"
     if args.stage1_only:
@@ -161,9 +164,9 @@ def one_cohort(i: int, args: argparse.Namespace, truth: pd.DataFrame) -> list[di
                         truth=tr,
                         covered=bool(q[0] <= tr <= q[2]),
                         stage1_s=stage1_s,
-                        stage1_chains=args.chains,
-                        stage1_tune=args.tune,
-                        stage1_draws=args.draws,
+                        stage1_chains=settings1["chains"],
+                        stage1_tune=settings1["tune"],
+                        stage1_draws=settings1["draws"],
                         stage2_s=t2 - t1,
                         stage1_ok=bool(d1.ok),
                         stage1_min_ess_bulk=float(d1.min_ess_bulk),

@@ -19,8 +19,15 @@ from typer.testing import CliRunner
 from carnk_pkpd import remission as R
 from carnk_pkpd.regimen import Regimen
 
-TRUTH = {"theta0_lldas": 1.0, "delta": 1.5, "theta1": 1.2, "sigma_u": 0.5}
+# the DORIS/LLDAS gap falls with time as in SLE (DORIS follows LLDAS by the steroid taper): 4.2 log-odds
+# at day 90, 1.5 at day 180, 0.52 at day 365
+TRUTH = {"theta0_lldas": 1.0, "delta": 1.5, "gamma_delta": -1.5, "theta1": 1.2, "sigma_u": 0.5}
 CENTER, SCALE = 55.0, 15.0
+
+
+def _true_gap(day: float) -> float:
+    """The truth's DORIS/LLDAS log-odds gap at ``day``: delta * (day / 180) ** gamma_delta."""
+    return TRUTH["delta"] * (day / 180.0) ** TRUTH["gamma_delta"]
 
 
 def _true_da(n: int, seed: int) -> np.ndarray:
@@ -41,14 +48,15 @@ def _true_da(n: int, seed: int) -> np.ndarray:
 
 
 def _outcomes(da: np.ndarray, days: list[float], rng: np.random.Generator) -> pd.DataFrame:
-    """Ordinal visits (none < LLDAS only < DORIS) from the true link; visit effect 0."""
+    """Ordinal visits (none < LLDAS only < DORIS) from the true link; visit effect 0, the gap
+    :func:`_true_gap` of the visit's day."""
     u = TRUTH["sigma_u"] * rng.standard_normal(da.size)
     rows = []
     for i, x in enumerate(da):
         eta = TRUTH["theta1"] * (x - CENTER) / SCALE + u[i]
         p_l = 1 / (1 + np.exp(-(TRUTH["theta0_lldas"] + eta)))
-        p_d = 1 / (1 + np.exp(-(TRUTH["theta0_lldas"] - TRUTH["delta"] + eta)))
         for d in days:
+            p_d = 1 / (1 + np.exp(-(TRUTH["theta0_lldas"] - _true_gap(d) + eta)))
             r = rng.uniform()
             rows.append({"ID": str(i), "day": d, "DORIS": float(r < p_d), "LLDAS": float(r < p_l)})
     return pd.DataFrame(rows)
@@ -117,8 +125,8 @@ def test_imputations_use_one_draw_for_every_subject():
 def test_intervals_cover_known_coefficients(link_fit):
     _, post, _ = link_fit
     truth = {**TRUTH, "theta0_doris": TRUTH["theta0_lldas"] - TRUTH["delta"]}
-    # 95% intervals: four checks at 90% would fail by chance about one run in three
-    for name in ("theta0_lldas", "theta0_doris", "theta1", "delta"):
+    # 95% intervals: five checks at 90% would fail by chance about two runs in five
+    for name in ("theta0_lldas", "theta0_doris", "theta1", "delta", "gamma_delta"):
         lo, hi = np.quantile(post[name].values, [0.025, 0.975])
         assert lo <= truth[name] <= hi, (name, lo, hi, truth[name])
     assert float(post["theta1"].quantile(0.05)) > 0  # the effect is detected
@@ -133,6 +141,38 @@ def test_probability_rises_with_da_and_doris_below_lldas(link_fit):
     for d in (28.0, 180.0, 300.0, 365.0):
         q = R.link_probabilities(post, grid[None, :], d, u=np.linspace(-3, 3, 15)[None, :])
         assert np.all(q["DORIS"] <= q["LLDAS"])
+
+
+def test_link_gap_follows_the_power_of_day_and_is_clamped_to_the_visit_grid():
+    """P(DORIS) = σ(theta0_lldas − delta·(t/180)^gamma_delta + η) at any day, computed by hand; days
+    outside the visit grid (28..365) take the gap and visit effect of the nearest grid end."""
+    grid = np.array([28.0, 90.0, 180.0, 365.0])
+    v = np.array([-3.0, -1.0, 0.0, 0.4])
+    post = xr.Dataset(
+        {
+            "theta0_lldas": (("chain", "draw"), [[0.7, 0.2]]),
+            "delta": (("chain", "draw"), [[1.4, 0.9]]),
+            "gamma_delta": (("chain", "draw"), [[-2.0, 0.5]]),
+            "theta0_doris": (("chain", "draw"), [[0.7 - 1.4, 0.2 - 0.9]]),
+            "theta1": (("chain", "draw"), [[0.8, 1.1]]),
+            "sigma_u": (("chain", "draw"), [[1.0, 1.0]]),
+            "v": (("chain", "draw", "visit_day"), np.tile(v, (1, 2, 1))),
+        },
+        coords={"chain": [0], "draw": [0, 1], "visit_day": grid},
+        attrs={"metric": "DA", "center": 55.0, "scale": 15.0},
+    )
+    expit = lambda a: 1 / (1 + np.exp(-a))  # noqa: E731
+    for day, d_eff, v_eff in (
+        (90.0, 90.0, -1.0),
+        (365.0, 365.0, 0.4),
+        (14.0, 28.0, -3.0),
+        (730.0, 365.0, 0.4),
+    ):
+        p = R.link_probabilities(post, np.array([[70.0], [70.0]]), day)
+        for k, (a, dl, g, b) in enumerate(((0.7, 1.4, -2.0, 0.8), (0.2, 0.9, 0.5, 1.1))):
+            eta = a + b * (70.0 - 55.0) / 15.0 + v_eff
+            assert p["LLDAS"][k, 0] == pytest.approx(expit(eta), rel=1e-12)
+            assert p["DORIS"][k, 0] == pytest.approx(expit(eta - dl * (d_eff / 180.0) ** g), rel=1e-12)
 
 
 def test_calibration_on_large_cohort(link_fit):
@@ -209,7 +249,11 @@ def test_published_counts_narrow_theta0():
     eta = TRUTH["theta1"] * (pub_da[:, None] - CENTER) / SCALE + TRUTH["sigma_u"] * gh_x[None, :]
     w = gh_w / gh_w.sum() / pub_da.size
     p_l = float(np.sum(w / (1 + np.exp(-(TRUTH["theta0_lldas"] + eta)))))
-    p_d = float(np.sum(w / (1 + np.exp(-(TRUTH["theta0_lldas"] - TRUTH["delta"] + eta)))))
+    window = R.PublishedSource("synthetic", (0, 0, 1), (180.0, 365.0), {"A": 1.0}).days()
+    # status at a day uniform over the window: the gap of each of the window's days, averaged
+    p_d = float(
+        np.mean([np.sum(w / (1 + np.exp(-(TRUTH["theta0_lldas"] - _true_gap(d) + eta)))) for d in window])
+    )
     counts = np.round(400 * np.array([1 - p_l, p_l - p_d, p_d])).astype(int)
     src = R.PublishedSource("synthetic", tuple(int(c) for c in counts), (180.0, 365.0), {"A": 1.0})
     kw = dict(center=CENTER, scale=SCALE, draws=1000, tune=300, seed=4)
@@ -349,20 +393,22 @@ def _one_patient(seq: list[int]) -> dict[str, np.ndarray]:
 @pytest.mark.parametrize("sigma_u", [0.5, 3.0, 9.0])
 def test_marginal_likelihood_of_a_patient_equals_numerical_integration(sigma_u):
     """log ∫ N(u; 0, σ_u) Π_v p(y_v | u) du on the grid equals scipy's adaptive quadrature, also for a
-    near-deterministic patient (five DORIS visits) with a wide patient-effect SD."""
+    near-deterministic patient (five DORIS visits) with a wide patient-effect SD; the DORIS/LLDAS gap
+    differs from visit to visit."""
     from scipy.integrate import quad
 
-    a_l, delta, eta = 0.4, 1.3, np.array([-0.2, 0.1, 0.3, 0.0, 0.5])
+    a_l, eta = 0.4, np.array([-0.2, 0.1, 0.3, 0.0, 0.5])
+    gap = np.array([3.0, 2.1, 1.3, 0.7, 0.2])
     for seq in ([2, 2, 2, 2, 2], [0, 1, 2, 1, 0], [0, 0, 0, 0, 0]):
         case = _one_patient(seq)
 
         def lik(u, seq=seq):
             ll = sum(
                 R._case_loglik(
-                    ("none", "lldas_only", "doris")[cat], a_l + e + u, a_l - delta + e + u, delta,
+                    ("none", "lldas_only", "doris")[cat], a_l + e + u, a_l - g + e + u, g,
                     R._np_log1pexp, R._np_log1mexp,
                 )
-                for cat, e in zip(seq, eta, strict=True)
+                for cat, e, g in zip(seq, eta, gap, strict=True)
             )  # fmt: skip
             return np.exp(ll) * np.exp(-0.5 * (u / sigma_u) ** 2) / (sigma_u * np.sqrt(2 * np.pi))
 
@@ -370,8 +416,8 @@ def test_marginal_likelihood_of_a_patient_equals_numerical_integration(sigma_u):
         x, w = R.normal_quadrature()
         ll = R._subject_node_loglik(
             (a_l + eta)[:, None] + sigma_u * x[None, :],
-            (a_l - delta + eta)[:, None] + sigma_u * x[None, :],
-            delta,
+            (a_l - gap + eta)[:, None] + sigma_u * x[None, :],
+            gap[:, None],
             np.zeros(len(seq), int),
             case,
             1,
@@ -386,7 +432,7 @@ def test_patient_effects_are_drawn_from_their_conditional_posterior():
     from scipy.integrate import quad
 
     nd = 4000
-    theta = dict(theta0_lldas=0.4, delta=1.3, theta1=0.8, sigma_u=2.5)
+    theta = dict(theta0_lldas=0.4, delta=1.3, gamma_delta=-1.2, theta1=0.8, sigma_u=2.5)
     grid = np.array([90.0, 180.0, 365.0])
     xr_post = xr.Dataset(
         {
@@ -404,6 +450,7 @@ def test_patient_effects_are_drawn_from_their_conditional_posterior():
     u = R._conditional_patient_effects(xr_post, z, sidx, didx, case, 2, np.random.default_rng(1))
     assert u.shape == (1, nd, 2)
     v = np.array([-0.5, 0.0, 0.3])
+    gap = theta["delta"] * (grid / 180.0) ** theta["gamma_delta"]  # 2.99, 1.3, 0.55
     for i, seq in enumerate(seqs):
         eta = theta["theta1"] * z[i] + v
 
@@ -412,12 +459,12 @@ def test_patient_effects_are_drawn_from_their_conditional_posterior():
                 R._case_loglik(
                     ("none", "lldas_only", "doris")[cat],
                     theta["theta0_lldas"] + e + uu,
-                    theta["theta0_lldas"] - theta["delta"] + e + uu,
-                    theta["delta"],
+                    theta["theta0_lldas"] - g + e + uu,
+                    g,
                     R._np_log1pexp,
                     R._np_log1mexp,
                 )
-                for cat, e in zip(seq, eta, strict=True)
+                for cat, e, g in zip(seq, eta, gap, strict=True)
             )
             return np.exp(ll - 0.5 * (uu / theta["sigma_u"]) ** 2)
 
@@ -446,8 +493,11 @@ def test_sampled_model_and_u_draws_use_the_same_patient_sums():
         for i, k in enumerate(["none", "lldas_only", "doris", "lldas", "not_doris"])
     }
     xl = rng.normal(size=(nv, nq))
-    a, b = pt.matrix("a"), pt.matrix("b")
-    f = pytensor.function([a, b], R._subject_node_loglik(a, b, 1.3, sidx, case, ns, tensor=True))
+    gap = rng.uniform(0.1, 3.0, size=(nv, 1))  # each visit its own DORIS/LLDAS gap
+    a, b, g = pt.matrix("a"), pt.matrix("b"), pt.col("g")
+    f = pytensor.function([a, b, g], R._subject_node_loglik(a, b, g, sidx, case, ns, tensor=True))
     np.testing.assert_allclose(
-        f(xl, xl - 1.3), R._subject_node_loglik(xl, xl - 1.3, 1.3, sidx, case, ns, tensor=False), atol=1e-12
+        f(xl, xl - gap, gap),
+        R._subject_node_loglik(xl, xl - gap, gap, sidx, case, ns, tensor=False),
+        atol=1e-12,
     )

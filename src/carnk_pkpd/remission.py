@@ -49,8 +49,20 @@ Link (ordinal, cumulative logit)
 Per visit, none < LLDAS only < DORIS::
 
     eta_ij = theta1·(x_i − center)/scale + u_i + v(t_ij)
-    P(LLDAS_ij) = σ(theta0_lldas + eta_ij),   P(DORIS_ij) = σ(theta0_doris + eta_ij)
-    theta0_doris = theta0_lldas − delta,  delta > 0        ⇒ P(DORIS) ≤ P(LLDAS) always
+    P(LLDAS_ij) = σ(theta0_lldas + eta_ij),   P(DORIS_ij) = σ(theta0_lldas − delta(t_ij) + eta_ij)
+    delta(t) = delta·(t/180)^gamma_delta,  delta > 0        ⇒ P(DORIS) ≤ P(LLDAS) always
+    theta0_doris = theta0_lldas − delta                      (the day-180 DORIS intercept, reported)
+
+The DORIS/LLDAS gap changes with time. DORIS needs prednisone ≤ 5 mg/d and no activity, LLDAS
+allows ≤ 7.5 mg/d, so after CAR-NK a patient reaches LLDAS first and DORIS months later, as the
+steroid taper ends; then the two converge. In the package's generator (science.md §4) the
+population log-odds gap logit P(LLDAS) − logit P(DORIS) falls from 2.8 at day 90 to 0.63 at day
+180 and 0.06 at day 365. A single offset (link format ≤ 4) fitted mostly on visits before day 180
+overstated the gap later: over 20 SYNTHETIC cohorts P(DORIS) at days 180/365 came out 0.12–0.16 too
+low and the DORIS 90% intervals covered 0.65 (``benchmarks/remission_calibration.py``). The
+power law in days (straight in log-gap against log-day, one parameter, ``gamma_delta ~ N(0, 2)``)
+keeps the gap positive at every visit and extrapolates smoothly beyond the last visits; outside the
+visit grid the day is clamped to the grid, like ``v``.
 
 ``u_i ~ N(0, sigma_u)`` is the patient effect (shared by a patient's visits); ``v(t)`` the visit effect,
 a Brownian path in log-days over the visit grid anchored at v(180) = 0 (so the intercepts are the
@@ -449,13 +461,16 @@ def _visit_grid(days: Sequence[float], extra: Sequence[float] = ()) -> np.ndarra
 
 
 #: Parameters whose sampler diagnostics are checked (population-level quantities of the link).
-DIAG_PARAMS: tuple[str, ...] = ("theta0_lldas", "delta", "theta1", "sigma_u", "tau_visit")
+DIAG_PARAMS: tuple[str, ...] = ("theta0_lldas", "delta", "gamma_delta", "theta1", "sigma_u", "tau_visit")
 #: Thresholds of :func:`remission_diagnostics`: per imputation (short chains) and pooled.
 RHAT_MAX_IMPUTATION = 1.05
 ESS_MIN_POOLED = 400
 #: Prior scales (half-normal) of the patient-effect SD and of the visit path's SD per sqrt(log-day).
 SIGMA_U_PRIOR = 3.0
 TAU_VISIT_PRIOR = 2.0
+#: Prior SD of ``gamma_delta``, the power of day in the DORIS/LLDAS gap (module doc): the generator's
+#: gap falls about as (t/180)^-2.7 between days 90 and 365, 1.4 prior SDs from a constant gap.
+GAMMA_DELTA_PRIOR = 2.0
 #: The patient effect is integrated out on this grid of N(0, 1) (x in [-8, 8], 161 points, weights
 #: proportional to the density, summing to 1). Gauss–Hermite with 21 nodes was 0.02 off for
 #: E[sigmoid(0.3 + 9x)] (a near-deterministic patient, sigma_u = 9); this grid's spacing (0.1) is far
@@ -506,7 +521,8 @@ def _subject_node_loglik(
     tensor: bool,
 ) -> Any:
     """Sum over each patient's visits of the visit log-likelihood at every grid node: ``xl``, ``xd`` are
-    ``(..., visit, node)`` (``delta`` broadcasts as ``(..., 1, 1)``), the result ``(..., subject, node)``.
+    ``(..., visit, node)`` (``delta``, the visit's DORIS/LLDAS gap, as ``(..., visit, 1)``), the result
+    ``(..., subject, node)``.
     Each category's formula is evaluated on its own visits only and added into its patients' rows
     (a scatter-add; a dense one-hot product cost subjects x visits x nodes per gradient). ``tensor``:
     PyTensor (in the sampled model) or numpy (the draws of ``u``)."""
@@ -518,14 +534,16 @@ def _subject_node_loglik(
         for k, mask in case.items():
             idx = np.flatnonzero(np.asarray(mask) > 0)
             if idx.size:
-                term = _case_loglik(k, xl[idx], xd[idx], delta, pm.math.log1pexp, pt.log1mexp)
+                term = _case_loglik(k, xl[idx], xd[idx], delta[idx], pm.math.log1pexp, pt.log1mexp)
                 out = pt.inc_subtensor(out[sidx[idx]], term)
         return out
     out = np.zeros((*xl.shape[:-2], n_subjects, xl.shape[-1]))
     for k, mask in case.items():
         idx = np.flatnonzero(np.asarray(mask) > 0)
         if idx.size:
-            term = _case_loglik(k, xl[..., idx, :], xd[..., idx, :], delta, _np_log1pexp, _np_log1mexp)
+            term = _case_loglik(
+                k, xl[..., idx, :], xd[..., idx, :], delta[..., idx, :], _np_log1pexp, _np_log1mexp
+            )
             np.add.at(out, (Ellipsis, sidx[idx], slice(None)), term)
     return out
 
@@ -562,6 +580,7 @@ def sample_remission(
     seed: int = 0,
     sigma_u_prior: float = SIGMA_U_PRIOR,
     tau_visit_prior: float = TAU_VISIT_PRIOR,
+    gamma_delta_prior: float = GAMMA_DELTA_PRIOR,
     sampler: str = "nutpie",
     backend: str = "jax",
 ) -> xr.Dataset:
@@ -576,7 +595,7 @@ def sample_remission(
     label to virtual patients' metrics ``(M, n)``, row ``m`` simulated from stage-1 draw ``m``.
 
     Priors (on the model file's scale): ``theta0_lldas ~ N(theta0, 2)``, ``delta ~ HalfNormal(2)``,
-    ``theta1 ~ N(theta1, 2)``, ``sigma_u ~ HalfNormal(sigma_u_prior)``, ``tau_visit ~
+    ``gamma_delta ~ N(0, gamma_delta_prior)``, ``theta1 ~ N(theta1, 2)``, ``sigma_u ~ HalfNormal(sigma_u_prior)``, ``tau_visit ~
     HalfNormal(tau_visit_prior)`` per sqrt(log-day) (module doc: why these widths). ``sampler``:
     "nutpie" (``backend`` "jax" or "numba") or "pymc". Returns the pooled Dataset on ``chain, draw``
     (``u`` on ``subject``, ``v`` on ``visit_day``) with the per-imputation diagnostics
@@ -633,7 +652,9 @@ def sample_remission(
         pub_d = {lab: pm.Data(f"z_pub_{i}", zpub[lab][0]) for i, lab in enumerate(labels)}
         a_l = pm.Normal("theta0_lldas", theta0, 2.0)
         delta = pm.HalfNormal("delta", 2.0)
-        a_d = pm.Deterministic("theta0_doris", a_l - delta)
+        gamma = pm.Normal("gamma_delta", 0.0, gamma_delta_prior)
+        pm.Deterministic("theta0_doris", a_l - delta)
+        gap = delta * pt.exp(gamma * np.log(grid / REFERENCE_DAY))  # delta(t) on the visit grid
         b = pm.Normal("theta1", theta1, 2.0)
         sigma_u = pm.HalfNormal("sigma_u", sigma_u_prior)
         if grid.size > 1:
@@ -648,8 +669,9 @@ def sample_remission(
             # log p(y_i) = log sum_q w_q prod_visits p(y_iv | u = sigma_u x_q) (no u in the sampler)
             eta = b * z_d[sidx] + v[didx]  # (visit,)
             at = (sigma_u * qx)[None, :]  # (1, node)
+            gv = gap[didx][:, None]  # (visit, 1)
             per_subject = _subject_node_loglik(
-                a_l + eta[:, None] + at, a_d + eta[:, None] + at, delta, sidx, case, n_s, tensor=True
+                a_l + eta[:, None] + at, a_l - gv + eta[:, None] + at, gv, sidx, case, n_s, tensor=True
             )  # (subject, node)
             pm.Potential("visits", pt.sum(pm.math.logsumexp(per_subject + np.log(qw)[None, :], axis=1)))
         if published:
@@ -662,7 +684,7 @@ def sample_remission(
                     lin = b * pub_d[lab][:, None, None] + v[dj][None, :, None] + sigma_u * qx1[None, None, :]
                     wk = w * qw1[None, None, :] / (dj.size * zpub[lab].shape[1])
                     p_l = p_l + pt.sum(pm.math.sigmoid(a_l + lin) * wk)
-                    p_d = p_d + pt.sum(pm.math.sigmoid(a_d + lin) * wk)
+                    p_d = p_d + pt.sum(pm.math.sigmoid(a_l - gap[dj][None, :, None] + lin) * wk)
                 probs = pt.clip(pt.stack([1.0 - p_l, p_l - p_d, p_d]), 1e-12, 1.0)
                 pm.Multinomial(
                     f"published_{j}", n=c.n, p=probs / pt.sum(probs), observed=np.asarray(c.counts)
@@ -697,7 +719,7 @@ def sample_remission(
                     compute_convergence_checks=False,
                 )
             post = _group(idata, "posterior")
-            keepv = ["theta0_lldas", "theta0_doris", "delta", "theta1", "sigma_u", "v"] + (
+            keepv = ["theta0_lldas", "theta0_doris", "delta", "gamma_delta", "theta1", "sigma_u", "v"] + (
                 ["tau_visit"] if grid.size > 1 else []
             )
             post = post[keepv].load()
@@ -731,6 +753,7 @@ def sample_remission(
         published_sources=", ".join(c.name for c in published or ()),
         sigma_u_prior=float(sigma_u_prior),
         tau_visit_prior=float(tau_visit_prior),
+        gamma_delta_prior=float(gamma_delta_prior),
         pooling=(
             "multiple imputation: one stage-2 fit per stage-1 posterior draw (the same draw for every "
             "subject), posteriors pooled as an equal-weight mixture"
@@ -739,6 +762,8 @@ def sample_remission(
     for name, desc in (
         ("theta0_lldas", "log-odds of LLDAS at day 180 at the metric's centre"),
         ("theta0_doris", "log-odds of DORIS at day 180 at the metric's centre"),
+        ("delta", "DORIS/LLDAS log-odds gap at day 180"),
+        ("gamma_delta", "power of day in the DORIS/LLDAS gap: delta(t) = delta*(t/180)^gamma_delta"),
         ("theta1", "log-odds per `scale` units of the metric"),
         ("sigma_u", "SD of the patient effect (log-odds)"),
         ("v", "visit effect (log-odds, 0 at day 180)"),
@@ -766,19 +791,20 @@ def _conditional_patient_effects(
     h = qx[1] - qx[0]
     nc, nd = post.sizes["chain"], post.sizes["draw"]
     flat = lambda k: np.asarray(post[k].transpose("chain", "draw", ...).values, float).reshape(nc * nd, -1)  # noqa: E731
-    a_l, a_d, b, sig, dl = (
-        flat(k)[:, 0] for k in ("theta0_lldas", "theta0_doris", "theta1", "sigma_u", "delta")
-    )
+    a_l, b, sig = (flat(k)[:, 0] for k in ("theta0_lldas", "theta1", "sigma_u"))
     v = flat("v")
+    grid = np.asarray(post["visit_day"].values, float)
+    gap = np.stack([_gap_at(flat("delta")[:, 0], flat("gamma_delta")[:, 0], grid, d) for d in grid], axis=-1)
     out = np.empty((nc * nd, n_subjects))
     for s0 in range(0, nc * nd, chunk):
         sl = slice(s0, min(s0 + chunk, nc * nd))
         eta = b[sl, None] * z[sidx][None, :] + v[sl][:, didx]  # (draw, visit)
         at = sig[sl, None, None] * qx[None, None, :]
+        gv = gap[sl][:, didx, None]  # (draw, visit, 1)
         lp = _subject_node_loglik(
             a_l[sl, None, None] + eta[..., None] + at,
-            a_d[sl, None, None] + eta[..., None] + at,
-            dl[sl, None, None],
+            a_l[sl, None, None] - gv + eta[..., None] + at,
+            gv,
             sidx,
             case,
             n_subjects,
@@ -887,11 +913,6 @@ def diagnostics_line(post: xr.Dataset) -> str:
     return f"remission stage 2: {'ok' if bool(pooled['ok'].all()) else 'FAIL'} ({facts})"
 
 
-def _visit_effect(post: xr.Dataset, day: float) -> np.ndarray:
-    """``v(day)`` per draw, interpolated in log-day over the grid (flat outside); shape (draws,)."""
-    return _interpolated_visit_effect(post["visit_day"].values, _flat(post, "v"), day)
-
-
 def _interpolated_visit_effect(visit_days: np.ndarray, v: np.ndarray, day: float) -> np.ndarray:
     """``v(day)`` from ``v`` of shape (draws, visit_day), interpolated in log-day (flat outside)."""
     grid = np.asarray(visit_days, float)
@@ -910,8 +931,14 @@ def _flat(post: xr.Dataset, name: str) -> np.ndarray:
 def _link_arrays(post: xr.Dataset) -> dict[str, Any]:
     """The link's draws as plain arrays on one draw axis (chain-major), taken out of ``post`` once,
     so that evaluating the link many times (the dose search) does not restack the Dataset."""
-    out: dict[str, Any] = {k: _flat(post, k) for k in ("theta0_doris", "theta0_lldas", "theta1", "v")}
+    out: dict[str, Any] = {k: _flat(post, k) for k in ("theta0_lldas", "theta1", "v")}
     out["sigma_u"] = _flat(post, "sigma_u") if "sigma_u" in post else None
+    # the DORIS/LLDAS gap delta(t) = delta*(t/180)^gamma_delta; a link without the power (format <= 4,
+    # the ASSUMED link) has a constant gap, theta0_lldas - theta0_doris
+    out["delta"] = (
+        _flat(post, "delta") if "delta" in post else out["theta0_lldas"] - _flat(post, "theta0_doris")
+    )
+    out["gamma_delta"] = _flat(post, "gamma_delta") if "gamma_delta" in post else np.zeros_like(out["delta"])
     out["visit_day"] = np.asarray(post["visit_day"].values, float)
     out.update(
         center=float(post.attrs["center"]), scale=float(post.attrs["scale"]), metric=str(post.attrs["metric"])
@@ -919,22 +946,27 @@ def _link_arrays(post: xr.Dataset) -> dict[str, Any]:
     return out
 
 
+def _gap_at(delta: np.ndarray, gamma_delta: np.ndarray, visit_days: np.ndarray, day: float) -> np.ndarray:
+    """The DORIS/LLDAS log-odds gap ``delta·(day/180)^gamma_delta`` per draw, ``day`` clamped to the
+    visit grid (as ``v`` is flat outside it). The one formula of the gap outside the sampled model."""
+    d = float(np.clip(day, np.min(visit_days), np.max(visit_days)))
+    return delta * np.exp(gamma_delta * np.log(d / REFERENCE_DAY))
+
+
 def _probabilities(
     arr: dict[str, Any], metric: np.ndarray, day: float, u: Any = None
 ) -> dict[str, np.ndarray]:
-    """The link itself, on :func:`_link_arrays`: ``σ(theta0_endpoint + theta1·(x − center)/scale + u +
-    v(day))`` per draw (leading axis)."""
+    """The link itself, on :func:`_link_arrays`: ``σ(theta0_lldas + η)`` and ``σ(theta0_lldas −
+    delta(day) + η)`` with ``η = theta1·(x − center)/scale + u + v(day)``, per draw (leading axis)."""
     name = arr["metric"]
     z = (link_values({name: metric}, name) - arr["center"]) / arr["scale"]
     nd = arr["theta1"].size
     extra = (1,) * max(np.ndim(z) - 1, np.ndim(u) - 1 if u is not None else 0, 0)
     b = arr["theta1"].reshape((nd, *extra))
     v = _interpolated_visit_effect(arr["visit_day"], arr["v"], day).reshape((nd, *extra))
-    eta = b * z + v + (0.0 if u is None else u)
-    return {
-        ep: 1.0 / (1.0 + np.exp(-(arr[var].reshape((nd, *extra)) + eta)))
-        for ep, var in (("DORIS", "theta0_doris"), ("LLDAS", "theta0_lldas"))
-    }
+    eta = arr["theta0_lldas"].reshape((nd, *extra)) + b * z + v + (0.0 if u is None else u)
+    gap = _gap_at(arr["delta"], arr["gamma_delta"], arr["visit_day"], day).reshape((nd, *extra))
+    return {"DORIS": 1.0 / (1.0 + np.exp(-(eta - gap))), "LLDAS": 1.0 / (1.0 + np.exp(-eta))}
 
 
 def link_probabilities(
@@ -942,8 +974,8 @@ def link_probabilities(
 ) -> dict[str, np.ndarray]:
     """P(DORIS), P(LLDAS) per link draw (leading axis) for ``metric`` values broadcast against it.
 
-    The one implementation of the link (module doc): ``σ(theta0_endpoint + theta1·(x − center)/scale
-    + u + v(day))``. ``post`` is a stage-2 posterior or :func:`assumed_link`; ``metric``: the link's
+    The one implementation of the link (module doc): ``σ(theta0_lldas + η)`` for LLDAS and
+    ``σ(theta0_lldas − delta(day) + η)`` for DORIS, ``η = theta1·(x − center)/scale + u + v(day)``. ``post`` is a stage-2 posterior or :func:`assumed_link`; ``metric``: the link's
     covariate (:func:`link_values`), shape ``(draws, ...)`` or broadcastable; ``u``: patient effect
     (log-odds) of the same shape, 0 when None (the typical patient); ``day`` in days.
     """
@@ -978,7 +1010,11 @@ def select_draws(
     link has one (``stage1_draw`` coordinate, :func:`sample_remission`), so exposure and link come
     from one joint draw; kinetic draws no imputation used get a link draw from the whole pool.
     """
-    keep = [v for v in ("theta0_lldas", "theta0_doris", "theta1", "sigma_u", "v") if v in post]
+    keep = [
+        v
+        for v in ("theta0_lldas", "theta0_doris", "delta", "gamma_delta", "theta1", "sigma_u", "v")
+        if v in post
+    ]
     flat = post[keep].stack(s=("chain", "draw"))
     nd = flat.sizes["s"]
     pos = (
@@ -1084,6 +1120,7 @@ def assumed_link(spec: Any) -> xr.Dataset:
             "theta0_lldas": var(th0),
             "theta0_doris": var(th0),
             "delta": var(0.0),
+            "gamma_delta": var(0.0),
             "theta1": var(float(rem.get("theta1", 1.0))),
             "sigma_u": var(0.0),
             "v": (("chain", "draw", "visit_day"), np.zeros((1, 1, 1))),
@@ -1158,9 +1195,10 @@ def _fingerprint(fit: Any, settings: Mapping[str, Any]) -> str:
 
 #: Bumped when what the stored stage-2 posterior means changes (2: day metrics that never happen
 #: mapped by :func:`link_values`; 3: multiple imputation, wider priors, multinomial published
-#: counts; 4: the patient effect integrated out of the sampled model, u drawn afterwards), so an
-#: older ``remission.nc`` is refitted, not reused.
-LINK_FORMAT = 4
+#: counts; 4: the patient effect integrated out of the sampled model, u drawn afterwards; 5: the
+#: DORIS/LLDAS gap varies with the day, delta*(t/180)^gamma_delta), so an older ``remission.nc`` is
+#: refitted, not reused.
+LINK_FORMAT = 5
 
 #: Defaults of :func:`fit_remission` (all part of the cache fingerprint). M = 12 imputations of
 #: 2 chains x (300 tune + 200 draws): 4800 pooled draws; see the module doc for the cost.
@@ -1173,6 +1211,7 @@ STAGE2_DEFAULTS: dict[str, Any] = dict(
     n_published_patients=50,
     sigma_u_prior=SIGMA_U_PRIOR,
     tau_visit_prior=TAU_VISIT_PRIOR,
+    gamma_delta_prior=GAMMA_DELTA_PRIOR,
 )
 
 
@@ -1233,6 +1272,7 @@ def fit_remission(
         seed=seed,
         sigma_u_prior=st["sigma_u_prior"],
         tau_visit_prior=st["tau_visit_prior"],
+        gamma_delta_prior=st["gamma_delta_prior"],
     )
     # keep the stage-1 metrics used, so observed-subject predictions need no re-solve
     out["metric_draws"] = (("subject", "imp"), x, {"units": UNITS.get(metric, "")})
@@ -1286,12 +1326,13 @@ def concordance_check(
     sidx = np.array([ids.index(i) for i in oc["ID"]], int)
     imp = np.repeat(np.asarray(post["imputation"].values, int), post.sizes["draw"])[pick]
     x = post["metric_draws"].values[:, imp].T[:, sidx]  # (rep, visit)
-    z = (x - float(post.attrs["center"])) / float(post.attrs["scale"])
     u = _flat(post, "u")[pick][:, sidx]
-    v = np.stack([_visit_effect(post, d)[pick] for d in oc["day"].to_numpy(float)], axis=1)
-    eta = _flat(post, "theta1")[pick][:, None] * z + u + v
-    p_l = 1 / (1 + np.exp(-(_flat(post, "theta0_lldas")[pick][:, None] + eta)))
-    p_d = 1 / (1 + np.exp(-(_flat(post, "theta0_doris")[pick][:, None] + eta)))
+    arr = _link_arrays(post)
+    arr.update({k: arr[k][pick] for k in ("theta0_lldas", "theta1", "v", "delta", "gamma_delta")})
+    p_l, p_d = np.empty(x.shape), np.empty(x.shape)
+    for j, d in enumerate(oc["day"].to_numpy(float)):  # the link of predictions, visit by visit
+        pr = _probabilities(arr, x[:, j], d, u[:, j])
+        p_l[:, j], p_d[:, j] = pr["LLDAS"], pr["DORIS"]
     r = rng.uniform(size=p_l.shape)
     cat = (r < p_l).astype(int) + (r < p_d).astype(int)
     rep = _concordance_stats(oc["ID"].to_numpy(), cat)
