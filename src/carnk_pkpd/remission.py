@@ -597,8 +597,9 @@ def sample_remission(
     label to virtual patients' metrics ``(M, n)``, row ``m`` simulated from stage-1 draw ``m``.
 
     Priors (on the model file's scale): ``theta0_lldas ~ N(theta0, 2)``, ``delta ~ HalfNormal(2)``,
-    ``gamma_delta ~ N(0, gamma_delta_prior)``, ``theta1 ~ N(theta1, 2)``, ``sigma_u ~ HalfNormal(sigma_u_prior)``, ``tau_visit ~
-    HalfNormal(tau_visit_prior)`` per sqrt(log-day) (module doc: why these widths). ``sampler``:
+    ``gamma_delta ~ N(0, gamma_delta_prior)``, ``theta1 ~ N(theta1, 2)``, ``sigma_u ~
+    HalfNormal(sigma_u_prior)``, ``tau_visit ~ HalfNormal(tau_visit_prior)`` per sqrt(log-day)
+    (module doc: why these widths); NUTS at ``target_accept``. ``sampler``:
     "nutpie" (``backend`` "jax" or "numba") or "pymc". Returns the pooled Dataset on ``chain, draw``
     (``u`` on ``subject``, ``v`` on ``visit_day``) with the per-imputation diagnostics
     (``diag_*`` on ``imp``; :func:`remission_diagnostics`).
@@ -981,9 +982,10 @@ def link_probabilities(
     """P(DORIS), P(LLDAS) per link draw (leading axis) for ``metric`` values broadcast against it.
 
     The one implementation of the link (module doc): ``σ(theta0_lldas + η)`` for LLDAS and
-    ``σ(theta0_lldas − delta(day) + η)`` for DORIS, ``η = theta1·(x − center)/scale + u + v(day)``. ``post`` is a stage-2 posterior or :func:`assumed_link`; ``metric``: the link's
-    covariate (:func:`link_values`), shape ``(draws, ...)`` or broadcastable; ``u``: patient effect
-    (log-odds) of the same shape, 0 when None (the typical patient); ``day`` in days.
+    ``σ(theta0_lldas − delta(day) + η)`` for DORIS, ``η = theta1·(x − center)/scale + u + v(day)``.
+    ``post`` is a stage-2 posterior or :func:`assumed_link`; ``metric``: the link's covariate
+    (:func:`link_values`), shape ``(draws, ...)`` or broadcastable; ``u``: patient effect (log-odds)
+    of the same shape, 0 when None (the typical patient); ``day`` in days.
     """
     return _probabilities(_link_arrays(post), metric, day, u)
 
