@@ -459,7 +459,14 @@ def solve_nodes(
         return (P_new, B_new), B_new
 
     xs = {k: jnp.moveaxis(v, 1, 0) for k, v in co.items()}  # scan over steps
-    _, b_path = jax.lax.scan(step, (P_init, B_init), xs, unroll=UNROLL)
+    # Each step is rematerialised in the gradient (jax.checkpoint): reverse mode then keeps only the
+    # carry per step and recomputes the step's sweeps when it goes back through it, instead of
+    # storing every intermediate of every step. Those stored intermediates outgrew the cache between
+    # 40 and 60 subjects (365 d each: value and gradient 11 ms at 40, 36 ms at 60); recomputing costs
+    # less than fetching them from memory. Measured one core (benchmarks/bench_solver.py, section e):
+    # 60 subjects 32.0 -> 14.5 ms, 20 subjects 4.8 -> 3.6 ms (365 d), 2.6 -> 1.95 ms (trial follow-up);
+    # the same value and a gradient equal to 1e-13 relative (rounding order only).
+    _, b_path = jax.lax.scan(jax.checkpoint(step), (P_init, B_init), xs, unroll=UNROLL)
     return jnp.concatenate([B_init[None, :], b_path], axis=0).T  # [S, n_nodes]
 
 
