@@ -26,19 +26,21 @@ other load on the machine slows the figures less than wall time would (shared ca
 
 Why 60 subjects cost more than 3x 20 (measured 2026-12-07, one core, AMD EPYC, 2 MiB L2 per core,
 32 MiB L3; cohorts of 365 d each, 5/10/15 subjects per dose level, seed 365, 227 grid nodes):
-the FORWARD solve is linear (2.3 / 4.9 / 7.3 ms for 20 / 40 / 60 subjects), and so is the value and
-gradient up to 40 subjects (5.4 / 11.1 ms), but at 60 it jumps to 35-36 ms (reverse mode of the
-scan; the fit's nutpie function costs the same, so it is not PyTensor's separate VJP op). Ruled out,
-each measured: the gather of records (value and gradient without it: 36-38 ms), the length
-grouping (one padded group: 35.6 ms), glibc's mmap threshold (MALLOC_MMAP_THRESHOLD_ 32 MiB: no
-change), groups capped at 15-30 subjects (30-36 ms), and per-group rematerialisation with
-jax.checkpoint (41-54 ms, worse). The jump between 40 and 60 subjects fits the residuals that
-reverse mode keeps for every step (estimated from the array shapes, not measured: ~0.35 MiB per
-subject, ~21 MiB at 60) outgrowing the cache; a gradient that keeps them small (e.g. an adjoint
-or a checkpointed scan over blocks of steps) is what remains to try. One run measured 17 ms at 60
-subjects (after the 20- and 40-subject cases in the same process); four later runs did not
-reproduce it, and the fit's own function measured 31.5 ms in that same run. Repeated runs of one configuration differ by up to 2x on this shared
-machine, so compare figures taken side by side.
+the FORWARD solve is linear (2.3 / 4.9 / 7.3 ms for 20 / 40 / 60 subjects), and so was the value
+and gradient up to 40 subjects (5.4 / 11.1 ms), but at 60 it jumped to 35-36 ms (reverse mode of
+the scan; the fit's nutpie function cost the same, so it was not PyTensor's separate VJP op).
+Ruled out, each measured: the gather of records (value and gradient without it: 36-38 ms), the
+length grouping (one padded group: 35.6 ms), glibc's mmap threshold (MALLOC_MMAP_THRESHOLD_ 32 MiB:
+no change), groups capped at 15-30 subjects (30-36 ms), and per-group rematerialisation with
+jax.checkpoint (41-54 ms, worse). What fixed it: rematerialising each scan STEP
+(``jax.checkpoint(step)`` in ``solve_nodes``), so reverse mode keeps only the carry per step
+instead of every intermediate of every step (estimated from the array shapes, ~0.35 MiB per
+subject, ~21 MiB at 60: more than the cache holds next to everything else). Side by side, section
+(e): 60 subjects 32.0 -> 14.5 ms, 20 subjects (365 d) 4.8 -> 3.6 ms, 20 subjects (trial
+follow-up) 2.6 -> 1.95 ms; ratio 6.7x -> 4.1x (on the 5/15-per-level cohorts of the first sentence,
+the fit function: 15.9 / 4.8 ms = 3.3x, was 36.2 / 6.1 ms). Repeated runs
+of one configuration differ by up to 2x on this shared machine, so compare figures taken side by
+side.
 """
 
 from __future__ import annotations
