@@ -30,6 +30,14 @@ diagonal adaptation on the warm start's whitened scale):
             ESS 380.)
   reference 4 x (300 + 300): 290 s wall, 74.1 steps per draw, 0 divergences, R-hat 1.011, ESS 363.
   n60       not measured (about 5x the trial365 cost per gradient).
+
+Measured again 2026-12-07 (later, the same day; a slower machine than above: the demo's fit, with
+identical draws, sampled in 593 s against 391 s earlier), after the solver's scan step was
+rematerialised in the gradient:
+  trial365  4 x (1000 + 1000): 921.5 s wall (compile 16.4 s), 77.1 steps per draw, 2.67 CPU ms per
+            gradient, 0 divergences, R-hat 1.004, min bulk ESS 988, tail 1800; truth covered.
+  trial365  4 x (200 + 200), side by side, before / after the rematerialised step: 3.20 / 2.56 CPU
+            ms per gradient (-20%), 279.8 / 212.7 s wall, 76.0 / 78.2 steps per draw.
 """
 
 from __future__ import annotations
