@@ -657,7 +657,7 @@ def sample_remission(
         delta = pm.HalfNormal("delta", 2.0)
         gamma = pm.Normal("gamma_delta", 0.0, gamma_delta_prior)
         pm.Deterministic("theta0_doris", a_l - delta)
-        gap = delta * pt.exp(gamma * np.log(grid / REFERENCE_DAY))  # delta(t) on the visit grid
+        gap = _gap(delta, gamma, np.log(grid / REFERENCE_DAY), pt.exp)  # delta(t) on the visit grid
         b = pm.Normal("theta1", theta1, 2.0)
         sigma_u = pm.HalfNormal("sigma_u", sigma_u_prior)
         if grid.size > 1:
@@ -800,7 +800,8 @@ def _conditional_patient_effects(
     a_l, b, sig = (flat(k)[:, 0] for k in ("theta0_lldas", "theta1", "sigma_u"))
     v = flat("v")
     grid = np.asarray(post["visit_day"].values, float)
-    gap = np.stack([_gap_at(flat("delta")[:, 0], flat("gamma_delta")[:, 0], grid, d) for d in grid], axis=-1)
+    # delta(t) at every grid day, (draw, visit_day): the grid needs no clamping
+    gap = _gap(flat("delta"), flat("gamma_delta"), np.log(grid / REFERENCE_DAY)[None, :])
     out = np.empty((nc * nd, n_subjects))
     for s0 in range(0, nc * nd, chunk):
         sl = slice(s0, min(s0 + chunk, nc * nd))
@@ -952,11 +953,16 @@ def _link_arrays(post: xr.Dataset) -> dict[str, Any]:
     return out
 
 
+def _gap(delta: Any, gamma_delta: Any, log_day_ratio: Any, exp: Any = np.exp) -> Any:
+    """The DORIS/LLDAS log-odds gap ``delta·(t/180)^gamma_delta`` from ``log(t/180)``: the one formula
+    of the gap, in the sampled model (``exp`` from PyTensor) and outside it (numpy)."""
+    return delta * exp(gamma_delta * log_day_ratio)
+
+
 def _gap_at(delta: np.ndarray, gamma_delta: np.ndarray, visit_days: np.ndarray, day: float) -> np.ndarray:
-    """The DORIS/LLDAS log-odds gap ``delta·(day/180)^gamma_delta`` per draw, ``day`` clamped to the
-    visit grid (as ``v`` is flat outside it). The one formula of the gap outside the sampled model."""
+    """:func:`_gap` per draw at ``day``, clamped to the visit grid (as ``v`` is flat outside it)."""
     d = float(np.clip(day, np.min(visit_days), np.max(visit_days)))
-    return delta * np.exp(gamma_delta * np.log(d / REFERENCE_DAY))
+    return _gap(delta, gamma_delta, np.log(d / REFERENCE_DAY))
 
 
 def _probabilities(
