@@ -230,14 +230,19 @@ def _sample_chain(task: dict[str, Any], report: Callable[[int, dict], None] | No
     return out
 
 
-def _worker_init(queue: Any = None) -> None:
+def _worker_init(queue: Any = None, slot: Any = None) -> None:
     """A worker process: single-threaded XLA, progress to ``queue``, and no Ctrl-C of its own (the
     parent process stops its workers, so a terminal's SIGINT to the whole group cannot leave one
-    half-stopped)."""
+    half-stopped). ``slot``: a shared counter that gives each worker its own CPU (:func:`xla.pin`)."""
     import signal
 
     global _PROGRESS_QUEUE
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    if slot is not None:
+        with slot.get_lock():
+            index = slot.value
+            slot.value += 1
+        xla.pin(index)
     xla.configure(
         single_thread=True
     )  # one XLA thread per worker (measured: intra-op threads do not pay here)
@@ -302,8 +307,9 @@ def _run_chains(
 
     ctx = mp.get_context("spawn")  # JAX is not fork-safe
     progress_queue = ctx.Queue()
+    slot = ctx.Value("i", 0) if workers <= len(xla.usable_cpus()) else None  # one CPU each
     pool = ProcessPoolExecutor(
-        max_workers=workers, mp_context=ctx, initializer=_worker_init, initargs=(progress_queue,)
+        max_workers=workers, mp_context=ctx, initializer=_worker_init, initargs=(progress_queue, slot)
     )
     try:
         futures = {pool.submit(_sample_chain, t): t["chain"] for t in tasks}

@@ -1,10 +1,16 @@
 """XLA settings for the CPU backend, applied before JAX starts its backend.
 
 JAX reads ``XLA_FLAGS`` once, when the first computation runs. Worker processes (fit chains, the
-Dask SBC cluster) call :func:`configure` with ``single_thread=True`` before they import JAX: one
-XLA thread each, so that W workers use W cores without oversubscribing them (measured: XLA's
-intra-op threads do not pay off for this model's small arrays). The user's own flags come first
-and win.
+Dask SBC cluster) call :func:`configure` with ``single_thread=True`` before they import JAX, and
+fit workers are pinned to a CPU each (:func:`pin`), so that W workers use W cores without
+oversubscribing them (measured: XLA's intra-op threads do not pay off for this model's small
+arrays). The user's own flags come first and win.
+
+Pinning is what makes it one thread: with jax 0.12 the flags alone leave two ``tf_XLAEigen``
+threads in a process on this 2-core machine, and a process limited to one CPU gets one (checked by
+listing ``/proc/self/task``). Measured (``benchmarks/bench_fit.py --scenario trial365 --draws 200
+--tune 200``, 4 chains in 2 workers, identical draws): 3.43 CPU ms per gradient and 283 s wall
+unpinned, 2.46 ms and 210 s pinned.
 
 Not adopted: ``--xla_cpu_experimental_ynn_fusion_type=`` (no YNNPACK library fusions). Measured with
 ``benchmarks/bench_solver.py --sections e``, both variants at once on the two cores and then with
@@ -31,3 +37,27 @@ def configure(single_thread: bool = False) -> None:
     """Add this package's flags to ``os.environ['XLA_FLAGS']`` (no effect after JAX's first computation
     in this process)."""
     os.environ["XLA_FLAGS"] = merged_flags(os.environ.get("XLA_FLAGS", ""), single_thread)
+
+
+def usable_cpus() -> list[int]:
+    """The CPUs this process may run on (all of them where the OS cannot say)."""
+    try:
+        return sorted(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        return list(range(os.cpu_count() or 1))
+
+
+def pin(index: int) -> bool:
+    """Keep this process on one CPU, the ``index``-th usable one (round robin); True when pinned.
+
+    Call it before JAX's first computation: XLA sizes its CPU thread pool from the CPUs the process
+    may use, so a pinned worker runs one XLA thread. The flags of :data:`SINGLE_THREAD` alone no longer
+    do that (jax 0.12: two ``tf_XLAEigen`` threads per process kept working through them).
+    """
+    if os.environ.get("CARNK_PIN", "1") == "0":
+        return False
+    cpus = usable_cpus()
+    if len(cpus) < 2 or not hasattr(os, "sched_setaffinity"):
+        return False
+    os.sched_setaffinity(0, {cpus[index % len(cpus)]})
+    return True
