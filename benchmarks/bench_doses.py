@@ -65,10 +65,16 @@ def main() -> None:
         link = assumed_link(spec)
     regs = regimens(a.regimens)
     n_traj = len(regs) * a.draws * a.patients
-    cluster = LocalCluster(
-        n_workers=a.workers, threads_per_worker=1, processes=a.processes, dashboard_address=None
-    )
-    with cluster, Client(cluster) as client:
+    if a.processes:  # what the doses command runs: worker processes, one CPU each
+        from carnk_pkpd import xla
+
+        cluster, client = xla.local_cluster(a.workers)
+    else:
+        cluster = LocalCluster(
+            n_workers=a.workers, threads_per_worker=1, processes=False, dashboard_address=None
+        )
+        client = Client(cluster)
+    with cluster, client:
         t0 = time.perf_counter()
         ds = rank_regimens(
             fit, regs, n_draws=a.draws, n_patients=a.patients, seed=a.seed, client=client, remission=link

@@ -43,6 +43,7 @@ from typing import Any
 import numpy as np
 import xarray as xr
 
+from carnk_pkpd import xla
 from carnk_pkpd.regimen import Regimen
 
 __all__ = [
@@ -703,15 +704,12 @@ def run_search(
     client = cluster = None
     try:
         if scheduler or workers > 0:
-            from dask.distributed import Client, LocalCluster
+            from dask.distributed import Client
 
             if scheduler:
                 client = Client(scheduler)
             else:
-                cluster = LocalCluster(
-                    n_workers=workers, threads_per_worker=1, processes=False, dashboard_address=None
-                )
-                client = Client(cluster)
+                cluster, client = xla.local_cluster(workers)  # worker processes, one CPU each
         return rank_regimens(
             fit,
             regimens,

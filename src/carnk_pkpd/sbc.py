@@ -281,13 +281,14 @@ def run_sbc(
 
 
 def _run_dask(spec: Any, settings: SBCSettings, ks: list[int], scheduler: str | None) -> list[Any]:
-    from dask.distributed import Client, LocalCluster
+    from dask.distributed import Client
 
     cluster = None
     if scheduler is None:
         env = {"XLA_FLAGS": xla.merged_flags(os.environ.get("XLA_FLAGS", ""), single_thread=True)}
-        cluster = LocalCluster(n_workers=os.cpu_count() or 1, threads_per_worker=1, processes=True, env=env)
-    client = Client(cluster if cluster is not None else scheduler)
+        cluster, client = xla.local_cluster(os.cpu_count() or 1, env=env)  # one CPU each
+    else:
+        client = Client(scheduler)
     try:
         futures = [client.submit(run_cohort, spec, settings, k, pure=False) for k in ks]
         return client.gather(futures)
