@@ -613,7 +613,9 @@ def doses_cmd(
     patients: int = typer.Option(40, "--patients", min=1, help="New virtual patients per draw."),
     seed: int = typer.Option(0, "--seed", help="Random seed (same seed, same results for any workers)."),
     scheduler: str | None = typer.Option(None, "--scheduler", help="Dask scheduler address."),
-    workers: int = typer.Option(2, "--workers", min=0, help="Local Dask workers (threads); 0 = no Dask."),
+    workers: int = typer.Option(
+        2, "--workers", min=0, help="Local Dask worker processes, one CPU each; 0 = no Dask."
+    ),
     da_target: float = typer.Option(45.0, "--da-target", help="Target aplasia duration (days)."),
     w_remission: float = typer.Option(1.0, "--w-remission", help="Utility weight on P(DORIS at 12 mo)."),
     w_safety: float = typer.Option(0.1, "--w-safety", help="Utility weight on P(Cmax > threshold)."),

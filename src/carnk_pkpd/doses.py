@@ -694,9 +694,9 @@ def run_search(
 
     The link is :func:`carnk_pkpd.remission.remission_source` (the fitted link, cached in the fit
     folder, as ``predict`` uses; the model file's ASSUMED link only with ``assumed_link=True``).
-    ``scheduler`` (a Dask address) or ``workers`` > 0 (local worker threads) run the tasks on Dask;
-    the cluster is opened here and closed before returning. Results do not depend on the number of
-    workers.
+    ``scheduler`` (a Dask address) or ``workers`` > 0 (local worker processes, one CPU each:
+    :func:`carnk_pkpd.xla.local_cluster`) run the tasks on Dask; the cluster is opened here and
+    closed before returning. Results do not depend on the number of workers.
     """
     from carnk_pkpd.remission import remission_source
 
