@@ -1,18 +1,33 @@
 """Benchmark of the dose search: regimens × posterior draws × patients virtual-patient trajectories.
 
     .venv/bin/python benchmarks/bench_doses.py [--fit fits/NAME] [--regimens 50 --draws 500 --patients 40]
-        [--workers 2] [--processes]
+        [--workers 2] [--threads]
 
 Without ``--fit`` the population draws come from the model file's priors
 (``PopulationDraws.from_model(..., uncertainty="prior")``, SYNTHETIC) and the remission link is the
 file's ASSUMED link; with ``--fit`` the fitted link (fitted and cached in the fit folder when missing). Prints the wall time (compilation included, and a second warm run when ``--warm``) and
-trajectories per second.
+trajectories per second. Workers are what ``carnk-pkpd doses --workers N`` starts: processes, each
+pinned to its own CPU (``carnk_pkpd.xla.local_cluster``); ``--threads`` runs threads of one process.
 
 Measured (2-core machine, otherwise idle, 2026-12-02, defaults: 50 regimens x 500 draws x 40 patients
 = 1,000,000 trajectories, compilation included): 137.2 s on 2 threads (7,287 trajectories/s) and
 197.7 s on 2 processes, after the link was taken out of its Dataset once per call and patients were
 solved 64 at a time; 200,000 trajectories had taken 107.5 s before those two changes. Target 30 s:
 missed by 4.6x; what is left is the solver's forward pass (about 150 µs per 365-day trajectory).
+
+Measured 2026-12-07 (defaults, 1,000,000 trajectories, compilation included):
+  * threads do not help: XLA already spreads one computation over both cores (two tf_XLAEigen
+    threads), so 1 and 2 worker threads gave 9.1k and 9.6k trajectories/s (200,000 trajectories);
+  * worker processes, as they were: 152.0 s (6,579/s). Timing the same task loop in and out of a
+    Dask worker found why: Dask's nanny sets MALLOC_TRIM_THRESHOLD_=65536 in its workers, which
+    turns off glibc's dynamic mmap threshold; one pinned process ran the loop at 6.6k/s without it
+    and 4.0k/s with it;
+  * worker processes without that variable, each pinned to its own CPU (xla.local_cluster, what
+    ``doses --workers 2`` now starts): 91.2 s and 92.2 s (10,970 and 10,846/s). Target 30 s: missed
+    by 3.0x. Two independent pinned processes run the task loop at 6.3k/s each; the solver's
+    forward pass is ~78% of a task (cProfile), the link and metrics the rest;
+  * not kept: running a task's batches of 64 patients in one compiled loop (jax.lax.map) instead
+    of one call per batch: +2-6% on one pinned core, nothing at 1,000,000 (92.2 vs 91.2 s).
 """
 
 from __future__ import annotations
@@ -43,7 +58,11 @@ def main() -> None:
     ap.add_argument("--draws", type=int, default=500)
     ap.add_argument("--patients", type=int, default=40)
     ap.add_argument("--workers", type=int, default=2)
-    ap.add_argument("--processes", action="store_true", help="process workers instead of threads")
+    ap.add_argument(
+        "--threads",
+        action="store_true",
+        help="worker threads of one process (before 2026-12-07) instead of processes",
+    )
     ap.add_argument("--seed", type=int, default=1)
     a = ap.parse_args()
 
@@ -65,7 +84,7 @@ def main() -> None:
         link = assumed_link(spec)
     regs = regimens(a.regimens)
     n_traj = len(regs) * a.draws * a.patients
-    if a.processes:  # what the doses command runs: worker processes, one CPU each
+    if not a.threads:  # what the doses command runs: worker processes, one CPU each
         from carnk_pkpd import xla
 
         cluster, client = xla.local_cluster(a.workers)
@@ -80,7 +99,7 @@ def main() -> None:
             fit, regs, n_draws=a.draws, n_patients=a.patients, seed=a.seed, client=client, remission=link
         )
         dt = time.perf_counter() - t0
-    kind = "processes" if a.processes else "threads"
+    kind = "threads" if a.threads else "processes"
     print(
         f"{len(regs)} regimens x {ds.sizes['draw']} draws x {a.patients} patients = {n_traj:,} trajectories "
         f"on {a.workers} {kind}: {dt:.1f} s, {n_traj / dt:,.0f} trajectories/s (compilation included)"

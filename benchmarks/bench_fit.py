@@ -38,6 +38,31 @@ rematerialised in the gradient:
             gradient, 0 divergences, R-hat 1.004, min bulk ESS 988, tail 1800; truth covered.
   trial365  4 x (200 + 200), side by side, before / after the rematerialised step: 3.20 / 2.56 CPU
             ms per gradient (-20%), 279.8 / 212.7 s wall, 76.0 / 78.2 steps per draw.
+
+Measured 2026-12-07 (evening), after each worker process was pinned to its own CPU (xla.pin; jax
+0.12 had left two XLA threads in each worker, four busy threads on two cores):
+  trial365  4 x (200 + 200), one after the other, identical draws: unpinned 283.4 s wall, 3.43 CPU
+            ms per gradient; pinned 210.3 s, 2.46 ms (-26%); 78.2 steps per draw either way.
+  n60       4 x (100 + 100) (pinned): 1138.5 s wall (compile 13.3 s), 130.4 steps per draw,
+            18.0 CPU ms per gradient, 0 divergences, R-hat 1.089, min bulk ESS 43 (far too short to
+            pass; run to measure the cost). 4 x (1000 + 1000) would take about 3 hours at this rate,
+            against the 6-minute target.
+
+What stands in the way of the 2-minute target is the number of leapfrog steps (63-127 per draw,
+step size ~0.12 on the whitened scale) times the gradient cost. Found by looking at one chain of
+trial365 (300 + 300):
+  * the Laplace whitening is far from the posterior's shape: in its coordinates the posterior
+    covariance has eigenvalues from 0.007 to ~500 (300 draws, so noisy, but far from 1), the
+    largest along eta_k_rej and the smallest along z_B0 with all eta_B0;
+  * re-whitening with the dense covariance of 300 posterior draws (shrunk 20% to its diagonal) only
+    went from 78 to 60 steps: the shape is not Gaussian (funnels of the estimated omegas);
+  * centred parameterisations (log p_i ~ N(log p + covariates, omega) sampled directly) for the
+    parameters the data pin down: B0 alone 84 steps; B0, MTT, f_bl 114; those and k_rej 43 steps but
+    k_rej and alpha stop mixing (bulk ESS 12-37 in 300 draws). A partial centring per subject,
+    lambda = kappa/(1 + kappa) with kappa the data's information on each eta (the subject's
+    eta block of the Laplace Hessian, other etas integrated out), gave 32.5 steps, again with
+    k_rej/alpha ESS 15-20; leaving k_rej and alpha non-centred gave 138 steps. k_rej and alpha are
+    both first-order CAR-NK losses and are confounded within a subject; none of these was adopted.
 """
 
 from __future__ import annotations

@@ -205,6 +205,26 @@ def test_a_fit_grid_solved_in_length_groups_gives_the_same_values_and_gradient()
         np.testing.assert_allclose(np.asarray(g_com[name]), np.asarray(g_pad[name]), rtol=1e-10, atol=1e-14)
 
 
+def test_batched_simulation_gives_each_subject_its_unbatched_values() -> None:
+    # 12 subjects in batches of 5 (the last one padded) inside one compiled loop, each with its own
+    # regimen and LD window; every subject's nodes must equal one solve of all 12 at once
+    from carnk_pkpd.structural.carnk import trial_ld
+    from carnk_pkpd.structural.solve import solve_nodes, solve_nodes_batched
+
+    sets = [s for s in STRESS_SETS if s[0]["n_transit"] == 6][:12]
+    params = {k: np.array([p[k] for p, _ in sets]) for k in sets[0][0] if k != "n_transit"}
+    grid = make_grid([d for _, d in sets], [np.array([7.0, 90.0, 365.0])] * len(sets), "default", k_tr=0.5)
+    ld = trial_ld(len(sets))
+    ld["start"] = ld["start"] - np.arange(len(sets)) % 3  # LD starting on day -5, -6 or -7
+    kwargs = dict(n_transit=6, sweeps=grid.sweeps)
+    whole = np.asarray(solve_nodes(params, grid.nodes, grid.dose_times, grid.dose_amounts, ld=ld, **kwargs))
+    batched = solve_nodes_batched(
+        params, grid.nodes, grid.dose_times, grid.dose_amounts, batch=5, ld=ld, **kwargs
+    )
+    assert batched.shape == whole.shape
+    np.testing.assert_allclose(batched, whole, rtol=1e-12, atol=1e-12)
+
+
 # --- infusions and the calibration target ----------------------------------------------------------------
 
 

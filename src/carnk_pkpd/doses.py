@@ -435,7 +435,7 @@ def _run_task(
     ``(n_real, n_time)``.
     """
     from carnk_pkpd.population import SubjectDesign, individual_parameters
-    from carnk_pkpd.remission import link_values, marginal_probabilities
+    from carnk_pkpd.remission import link_arrays, link_values, marginal_probabilities
 
     rng = np.random.default_rng(seed_seq)
     cd, n_p = pop.n_draws, st.n_patients
@@ -445,8 +445,9 @@ def _run_task(
     t_b, b, car, m = _simulate(theta, reg, nodes, st, ld)
     x = link_values(m, st.metric, st.events, HORIZON).reshape(cd, n_p)
     out = {}
+    arrays = link_arrays(link)  # out of the Dataset once, for both visits
     for v, day in VISITS.items():
-        pr = marginal_probabilities(link, x, day)  # patient effect integrated out (no u noise)
+        pr = marginal_probabilities(arrays, x, day)  # patient effect integrated out (no u noise)
         out[f"p_doris_{v}"] = pr["DORIS"].mean(axis=1)[:n_real]
         out[f"p_lldas_{v}"] = pr["LLDAS"].mean(axis=1)[:n_real]
 

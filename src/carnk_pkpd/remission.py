@@ -935,7 +935,7 @@ def _flat(post: xr.Dataset, name: str) -> np.ndarray:
     return post[name].stack(s=("chain", "draw")).transpose("s", ...).values
 
 
-def _link_arrays(post: xr.Dataset) -> dict[str, Any]:
+def link_arrays(post: xr.Dataset) -> dict[str, Any]:
     """The link's draws as plain arrays on one draw axis (chain-major), taken out of ``post`` once,
     so that evaluating the link many times (the dose search) does not restack the Dataset."""
     out: dict[str, Any] = {k: _flat(post, k) for k in ("theta0_lldas", "theta1", "v")}
@@ -968,7 +968,7 @@ def _gap_at(delta: np.ndarray, gamma_delta: np.ndarray, visit_days: np.ndarray, 
 def _probabilities(
     arr: dict[str, Any], metric: np.ndarray, day: float, u: Any = None
 ) -> dict[str, np.ndarray]:
-    """The link itself, on :func:`_link_arrays`: ``σ(theta0_lldas + η)`` and ``σ(theta0_lldas −
+    """The link itself, on :func:`link_arrays`: ``σ(theta0_lldas + η)`` and ``σ(theta0_lldas −
     delta(day) + η)`` with ``η = theta1·(x − center)/scale + u + v(day)``, per draw (leading axis)."""
     name = arr["metric"]
     z = (link_values({name: metric}, name) - arr["center"]) / arr["scale"]
@@ -993,15 +993,18 @@ def link_probabilities(
     (:func:`link_values`), shape ``(draws, ...)`` or broadcastable; ``u``: patient effect (log-odds)
     of the same shape, 0 when None (the typical patient); ``day`` in days.
     """
-    return _probabilities(_link_arrays(post), metric, day, u)
+    return _probabilities(link_arrays(post), metric, day, u)
 
 
-def marginal_probabilities(post: xr.Dataset, metric: np.ndarray, day: float) -> dict[str, np.ndarray]:
+def marginal_probabilities(
+    post: xr.Dataset | dict[str, Any], metric: np.ndarray, day: float
+) -> dict[str, np.ndarray]:
     """P(DORIS), P(LLDAS) of a new patient with link covariate ``metric`` (shape as for
     :func:`link_probabilities`) with the patient effect integrated out: ``E_u σ(theta0 + η + u)``,
-    ``u ~ N(0, sigma_u)`` of each link draw, on the grid of :func:`normal_quadrature`."""
+    ``u ~ N(0, sigma_u)`` of each link draw, on the grid of :func:`normal_quadrature`. ``post``: the
+    link, or its arrays taken out once (:func:`link_arrays`) when it is evaluated many times."""
     qx1, qw1 = normal_quadrature(SINGLE_VISIT_POINTS)
-    arr = _link_arrays(post)
+    arr = post if isinstance(post, dict) else link_arrays(post)
     sig = arr["sigma_u"]
     x = np.asarray(metric, float)
     extra = (1,) * max(np.ndim(x) - 1, 0)
@@ -1345,7 +1348,7 @@ def concordance_check(
     imp = np.repeat(np.asarray(post["imputation"].values, int), post.sizes["draw"])[pick]
     x = post["metric_draws"].values[:, imp].T[:, sidx]  # (rep, visit)
     u = _flat(post, "u")[pick][:, sidx]
-    arr = _link_arrays(post)
+    arr = link_arrays(post)
     arr.update({k: arr[k][pick] for k in ("theta0_lldas", "theta1", "v", "delta", "gamma_delta")})
     p_l, p_d = np.empty(x.shape), np.empty(x.shape)
     for j, d in enumerate(oc["day"].to_numpy(float)):  # the link of predictions, visit by visit
