@@ -43,6 +43,10 @@ Measured 2026-12-07 (evening), after each worker process was pinned to its own C
 0.12 had left two XLA threads in each worker, four busy threads on two cores):
   trial365  4 x (200 + 200), one after the other, identical draws: unpinned 283.4 s wall, 3.43 CPU
             ms per gradient; pinned 210.3 s, 2.46 ms (-26%); 78.2 steps per draw either way.
+  trial365  4 x (1000 + 1000) (pinned): 705.4 s wall (compile 14.9 s, sampling 673.9 s), 77.1 steps
+            per draw, 2.05 CPU ms per gradient, cores busy 1.99, 0 divergences, R-hat 1.004, min
+            bulk ESS 988, tail 1800 (the same draws as above); truth covered. Target 120 s: missed
+            5.9x.
   n60       4 x (100 + 100) (pinned): 1138.5 s wall (compile 13.3 s), 130.4 steps per draw,
             18.0 CPU ms per gradient, 0 divergences, R-hat 1.089, min bulk ESS 43 (far too short to
             pass; run to measure the cost). 4 x (1000 + 1000) would take about 3 hours at this rate,
