@@ -65,8 +65,15 @@ def pin(index: int) -> bool:
 
 
 def pin_dask_worker(dask_worker: Any) -> bool:
-    """:func:`pin` a worker process of a ``LocalCluster`` by its name (0, 1, …); for ``client.run``,
-    which passes the worker. Run it before the first task (before JAX's first computation)."""
+    """:func:`pin` a worker process of a ``LocalCluster`` by its name (0, 1, …) and let it ignore
+    Ctrl-C; for ``client.run``, which passes the worker. Run it before the first task (before JAX's
+    first computation). A terminal's Ctrl-C reaches every process of the group: the command stops
+    its cluster itself, so a worker that stopped on its own would only print a traceback."""
+    import signal
+    import threading
+
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
     try:
         index = int(dask_worker.name)
     except (TypeError, ValueError):
