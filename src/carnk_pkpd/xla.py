@@ -2,9 +2,10 @@
 
 JAX reads ``XLA_FLAGS`` once, when the first computation runs. Worker processes (fit chains, the
 Dask SBC cluster) call :func:`configure` with ``single_thread=True`` before they import JAX, and
-fit workers are pinned to a CPU each (:func:`pin`), so that W workers use W cores without
-oversubscribing them (measured: XLA's intra-op threads do not pay off for this model's small
-arrays). The user's own flags come first and win.
+fit workers and local Dask workers (dose search, SBC: :func:`local_cluster`) are pinned to a CPU
+each (:func:`pin`), so that W workers use W cores without oversubscribing them (measured: XLA's
+intra-op threads do not pay off for this model's small arrays). The user's own flags come first
+and win.
 
 Pinning is what makes it one thread: with jax 0.12 the flags alone leave two ``tf_XLAEigen``
 threads in a process on this 2-core machine, and a process limited to one CPU gets one (checked by
