@@ -231,22 +231,15 @@ def _sample_chain(task: dict[str, Any], report: Callable[[int, dict], None] | No
 
 
 def _worker_init(queue: Any = None, slot: Any = None) -> None:
-    """A worker process: single-threaded XLA, progress to ``queue``, and no Ctrl-C of its own (the
-    parent process stops its workers, so a terminal's SIGINT to the whole group cannot leave one
-    half-stopped). ``slot``: a shared counter that gives each worker its own CPU (:func:`xla.pin`)."""
-    import signal
-
+    """A worker process (:func:`carnk_pkpd.xla.setup_worker`: no Ctrl-C of its own, single-threaded
+    XLA), progress to ``queue``. ``slot``: a shared counter that gives each worker its own CPU."""
     global _PROGRESS_QUEUE
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    index = None
     if slot is not None:
         with slot.get_lock():
             index = slot.value
             slot.value += 1
-        xla.pin(index)
-    xla.configure(
-        single_thread=True
-    )  # one XLA thread per worker (measured: intra-op threads do not pay here)
-    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    xla.setup_worker(index)
     _PROGRESS_QUEUE = queue
 
 

@@ -285,8 +285,7 @@ def _run_dask(spec: Any, settings: SBCSettings, ks: list[int], scheduler: str | 
 
     cluster = None
     if scheduler is None:
-        env = {"XLA_FLAGS": xla.merged_flags(os.environ.get("XLA_FLAGS", ""), single_thread=True)}
-        cluster, client = xla.local_cluster(os.cpu_count() or 1, env=env)  # one CPU each
+        cluster, client = xla.local_cluster(os.cpu_count() or 1)  # single-threaded, one CPU each
     else:
         client = Client(scheduler)
     try:

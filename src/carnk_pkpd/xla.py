@@ -1,9 +1,9 @@
 """XLA settings for the CPU backend, applied before JAX starts its backend.
 
-JAX reads ``XLA_FLAGS`` once, when the first computation runs. Worker processes (fit chains, the
-Dask SBC cluster) call :func:`configure` with ``single_thread=True`` before they import JAX, and
-fit workers and local Dask workers (dose search, SBC: :func:`local_cluster`) are pinned to a CPU
-each (:func:`pin`), so that W workers use W cores without oversubscribing them (measured: XLA's
+JAX reads ``XLA_FLAGS`` once, when the first computation runs. Worker processes (fit chains, and
+the local Dask workers of the dose search and the SBC: :func:`local_cluster`) run
+:func:`setup_worker` before it: single-threaded XLA flags and a CPU each (:func:`pin`), so that W
+workers use W cores without oversubscribing them (measured: XLA's
 intra-op threads do not pay off for this model's small arrays). The user's own flags come first
 and win.
 
@@ -65,26 +65,36 @@ def pin(index: int) -> bool:
     return True
 
 
-def pin_dask_worker(dask_worker: Any) -> bool:
-    """:func:`pin` a worker process of a ``LocalCluster`` by its name (0, 1, …) and let it ignore
-    Ctrl-C; for ``client.run``, which passes the worker. Run it before the first task (before JAX's
-    first computation). A terminal's Ctrl-C reaches every process of the group: the command stops
-    its cluster itself, so a worker that stopped on its own would only print a traceback."""
+def setup_worker(index: int | None = None) -> None:
+    """Prepare a worker process (fit chains, local Dask workers) before JAX's first computation:
+    ignore Ctrl-C, :func:`pin` it to the ``index``-th CPU (None: not pinned), single-threaded XLA
+    flags and ``OMP_NUM_THREADS=1`` unless the user set them. A terminal's Ctrl-C reaches every
+    process of the group; the parent stops its workers itself, so a worker that stopped on its own
+    would only print a traceback or leave a pool half-stopped."""
     import signal
     import threading
 
     if threading.current_thread() is threading.main_thread():
         signal.signal(signal.SIGINT, signal.SIG_IGN)
+    if index is not None:
+        pin(index)
+    configure(single_thread=True)
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+
+
+def setup_dask_worker(dask_worker: Any) -> None:
+    """:func:`setup_worker` for a worker process of a ``LocalCluster``, pinned by its name (0, 1, …);
+    for ``client.run``, which passes the worker. Run it before the first task."""
     try:
         index = int(dask_worker.name)
     except (TypeError, ValueError):
-        return False
-    return pin(index)
+        index = None
+    setup_worker(index)
 
 
-def local_cluster(n_workers: int, env: dict[str, str] | None = None) -> tuple[Any, Any]:
+def local_cluster(n_workers: int) -> tuple[Any, Any]:
     """A Dask ``LocalCluster`` of ``n_workers`` single-threaded worker processes, each pinned to its
-    own CPU (:func:`pin_dask_worker`), and its ``Client``: ``(cluster, client)``; close both.
+    own CPU (:func:`setup_dask_worker`), and its ``Client``: ``(cluster, client)``; close both.
 
     Dask's nanny sets ``MALLOC_TRIM_THRESHOLD_=65536`` in every worker by default. Setting it turns off
     glibc's dynamic mmap threshold, so each of the solver's large temporary arrays is mapped and
@@ -100,8 +110,8 @@ def local_cluster(n_workers: int, env: dict[str, str] | None = None) -> tuple[An
         environ.pop("MALLOC_TRIM_THRESHOLD_", None)
     with dask.config.set({"distributed.nanny.pre-spawn-environ": environ}):
         cluster = LocalCluster(
-            n_workers=n_workers, threads_per_worker=1, processes=True, dashboard_address=None, env=env or {}
+            n_workers=n_workers, threads_per_worker=1, processes=True, dashboard_address=None
         )
     client = Client(cluster)
-    client.run(pin_dask_worker)
+    client.run(setup_dask_worker)
     return cluster, client
