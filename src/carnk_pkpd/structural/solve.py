@@ -75,6 +75,12 @@ GL_A = W_ZERO[:3]
 assert np.allclose(W_ZERO[3], GL_B)
 
 
+def _contract(a: jnp.ndarray, b: np.ndarray) -> jnp.ndarray:
+    """``a @ b`` for a constant ``[m, k]`` matrix ``b``, written out as a sum of ``m`` scaled rows."""
+    b = np.asarray(b)
+    return sum(a[..., m, None] * jnp.asarray(b[m]) for m in range(b.shape[0]))
+
+
 def _moments(z: jnp.ndarray) -> jnp.ndarray:
     """``M[..., j, m] = ∫_0^{c_j} e^{z v} v^m dv`` for the 3 nodes and the step end, m = 0..3.
 
@@ -102,8 +108,16 @@ def fitted_weights(z: jnp.ndarray) -> jnp.ndarray:
 
     Exact for ``e^{z v}`` times a quadratic. The derivative is the closed form
     ``∂W/∂z = ∫ v·e^{z v} L_k(v) dv`` (moments shifted by one), so reverse mode never traces the series.
+
+    The 3x3 product with the Lagrange matrix is written out as a sum of three scaled rows, not ``@``:
+    XLA's CPU dot is slow on thousands of tiny matrices. Measured on one core (2026-12-07,
+    ``benchmarks/bench_solver.py --sections a``, two runs each): 6.7-7.2k -> 10.3-11.0k trajectories/s
+    with outputs at the sampling days, 2.3-2.5k -> 3.6-3.8k with daily outputs; a broadcast product
+    summed over an axis gained less and lost 30% with daily outputs. The derivative (below) keeps
+    ``@``: there the sum made the fit's value and gradient slower (4.3 -> 5.1 ms, side by side in one
+    process), with or without an optimisation barrier on the moments.
     """
-    return _moments(jnp.asarray(z))[..., :3] @ jnp.asarray(LAGRANGE.T)
+    return _contract(_moments(jnp.asarray(z))[..., :3], LAGRANGE.T)
 
 
 @fitted_weights.defjvp
