@@ -28,6 +28,12 @@ Measured 2026-12-07 (defaults, 1,000,000 trajectories, compilation included):
     forward pass is ~78% of a task (cProfile), the link and metrics the rest;
   * not kept: running a task's batches of 64 patients in one compiled loop (jax.lax.map) instead
     of one call per batch: +2-6% on one pinned core, nothing at 1,000,000 (92.2 vs 91.2 s).
+
+Measured 2026-12-07 (night, a slower machine than in the evening), defaults, one run each, one
+after the other: before / after the solver's fitted weights stopped using XLA's dot for their 3x3
+products and the CAR-NK closed form took one exponential per time and per dose: 128.9 / 94.7 s
+(7,758 / 10,554 trajectories/s, -27%), the same ranking (3x1.32e9 q7d most often best, P 0.39).
+Target 30 s: missed by 3.2x on this machine.
 """
 
 from __future__ import annotations

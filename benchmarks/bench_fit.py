@@ -84,6 +84,12 @@ is not the only knot. Also tried the same night: nutpie's experimental normalizi
 model above: 248 from 800), but the warm-up took 152k gradients for two chains and training the flow
 raised the cost to 9.4 CPU ms per gradient: 913.5 s, 0.37 effective draws per second. Not adopted.
 
+After the two solver changes of that night (fitted weights without XLA's dot, the CAR-NK closed
+form with one exponential per time and per dose; bench_solver.py), the reference model again,
+trial365 4 x (200 + 200), one run after the other: 4.10 -> 3.25 CPU ms per gradient (-21%),
+342.6 -> 284.1 s wall; 74.8 / 76.6 steps per draw (the draws differ: the log density moved by 1e-14
+and 400 iterations amplify it; R-hat 1.015 / 1.031, bulk ESS 248 / 166, too short to pass either way).
+
 What the 2-minute target asks for: 4 x (1000 + 1000) is 8,000 iterations; 120 s on 2 cores at the
 gradient target (1.5 ms) is 160,000 gradients, 20 per iteration. The fits above use 86-89 per
 iteration (warm-up included; 74-78 while sampling). Meeting the target needs both the gradient target

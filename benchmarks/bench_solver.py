@@ -41,6 +41,16 @@ follow-up) 2.6 -> 1.95 ms; ratio 6.7x -> 4.1x (on the 5/15-per-level cohorts of 
 the fit function: 15.9 / 4.8 ms = 3.3x, was 36.2 / 6.1 ms). Repeated runs
 of one configuration differ by up to 2x on this shared machine, so compare figures taken side by
 side.
+
+Where a solve's time goes (measured 2026-12-07, night, one core, 20 subjects of the trial design):
+the step coefficients computed in bulk before the scan, not the scan. Forward, the whole solve took
+about as long as those coefficients alone; within them the Gauss weights' 3x3 products with XLA's
+dot were the largest part. Written out as sums of scaled rows, section (a) went from 6.7-7.2k to
+10.3-11.0k trajectories/s (sampling days) and from 2.3-2.5k to 3.6-3.8k (daily outputs), two runs
+each. In the gradient the same rewrite was slower, so the derivative keeps the dot. The CAR-NK
+closed form with one exponential per time and per dose (not per pair) cut its value and gradient
+from 1.27 to 0.49 ms; section (e) side by side in one process: 20 subjects with 365 d 7.05 -> 5.72
+ms, 60 subjects 19.9 -> 17.7 ms (the machine ran ~2x slower that night than in the figures above).
 """
 
 from __future__ import annotations
