@@ -300,7 +300,7 @@ def _run_chains(
 
     ctx = mp.get_context("spawn")  # JAX is not fork-safe
     progress_queue = ctx.Queue()
-    slot = ctx.Value("i", 0) if workers <= len(xla.usable_cpus()) else None  # one CPU each
+    slot = ctx.Value("i", 0) if xla.one_cpu_each(workers) else None  # next CPU for each worker
     pool = ProcessPoolExecutor(
         max_workers=workers, mp_context=ctx, initializer=_worker_init, initargs=(progress_queue, slot)
     )

@@ -285,7 +285,7 @@ def _run_dask(spec: Any, settings: SBCSettings, ks: list[int], scheduler: str | 
 
     cluster = None
     if scheduler is None:
-        cluster, client = xla.local_cluster(os.cpu_count() or 1)  # single-threaded, one CPU each
+        cluster, client = xla.local_cluster(len(xla.usable_cpus()))  # single-threaded, one CPU each
     else:
         client = Client(scheduler)
     try:

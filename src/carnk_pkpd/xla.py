@@ -49,6 +49,12 @@ def usable_cpus() -> list[int]:
         return list(range(os.cpu_count() or 1))
 
 
+def one_cpu_each(n_workers: int) -> bool:
+    """Whether ``n_workers`` worker processes get a CPU each (:func:`pin`): only when there are
+    enough CPUs; more workers than CPUs run unpinned and the OS shares the cores."""
+    return n_workers <= len(usable_cpus())
+
+
 def pin(index: int) -> bool:
     """Keep this process on one CPU, the ``index``-th usable one (round robin); True when pinned.
 
@@ -82,11 +88,11 @@ def setup_worker(index: int | None = None) -> None:
     os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 
-def setup_dask_worker(dask_worker: Any) -> None:
-    """:func:`setup_worker` for a worker process of a ``LocalCluster``, pinned by its name (0, 1, …);
-    for ``client.run``, which passes the worker. Run it before the first task."""
+def setup_dask_worker(dask_worker: Any, pinned: bool = True) -> None:
+    """:func:`setup_worker` for a worker process of a ``LocalCluster``, pinned by its name (0, 1, …)
+    when ``pinned``; for ``client.run``, which passes the worker. Run it before the first task."""
     try:
-        index = int(dask_worker.name)
+        index = int(dask_worker.name) if pinned else None
     except (TypeError, ValueError):
         index = None
     setup_worker(index)
@@ -94,7 +100,8 @@ def setup_dask_worker(dask_worker: Any) -> None:
 
 def local_cluster(n_workers: int) -> tuple[Any, Any]:
     """A Dask ``LocalCluster`` of ``n_workers`` single-threaded worker processes, each pinned to its
-    own CPU (:func:`setup_dask_worker`), and its ``Client``: ``(cluster, client)``; close both.
+    own CPU when there are enough (:func:`one_cpu_each`, :func:`setup_dask_worker`), and its
+    ``Client``: ``(cluster, client)``; close both.
 
     Dask's nanny sets ``MALLOC_TRIM_THRESHOLD_=65536`` in every worker by default. Setting it turns off
     glibc's dynamic mmap threshold, so each of the solver's large temporary arrays is mapped and
@@ -113,5 +120,5 @@ def local_cluster(n_workers: int) -> tuple[Any, Any]:
             n_workers=n_workers, threads_per_worker=1, processes=True, dashboard_address=None
         )
     client = Client(cluster)
-    client.run(setup_dask_worker)
+    client.run(setup_dask_worker, pinned=one_cpu_each(n_workers))
     return cluster, client
